@@ -1,0 +1,428 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""SimPO: reference-free preference optimisation (Meng et al. 2024) on Levanter's trainer.
+
+Per pair, ``logits = avg_logp(chosen) - avg_logp(rejected) - gamma_beta_ratio`` and
+``loss = -log sigmoid(beta * logits)``, where ``avg_logp`` is the mean log-probability over the completion
+tokens the preference stack marks as trained. One model, no reference model. SIMPO.md maps each term to
+the functions below.
+"""
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import equinox as eqx
+import haliax as hax
+import jax
+import jax.numpy as jnp
+import jax.random as jrandom
+from haliax import Axis
+from haliax.partitioning import round_axis_for_partitioning
+
+import levanter
+import levanter.callbacks
+import levanter.config
+import levanter.tracker
+from levanter import callbacks
+from levanter.adaptor import AdaptorConfig, AdaptorExportConfig, NoAdaptorConfig
+from levanter.callbacks import StepInfo
+from levanter.compat.hf_checkpoints import build_generation_config
+from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
+from levanter.data.text.preference_pairs import build_preference_splits
+from levanter.main.model_init import load_model_from_source, prepare_model_init_context
+from levanter.metrics import Metric, ReductionType
+from levanter.models.llama import LlamaConfig
+from levanter.models.lm_model import LmConfig, LmExample, LmHeadModel
+from levanter.optim.config import AdamConfig, OptimizerConfig
+from levanter.trainer import Trainer, TrainerConfig
+from levanter.trainer_state import trainables_only
+from levanter.utils.jax_utils import parameter_count
+
+logger = logging.getLogger(__name__)
+
+LossType = Literal["sigmoid", "hinge"]
+
+# Chosen and rejected completions run through the model as one batch along this axis.
+Side = Axis("preference_side", 2)
+
+
+@dataclass
+class TrainSimpoConfig:
+    data: PreferenceLmDataConfig = field(default_factory=PreferenceLmDataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: LmConfig = field(default_factory=LlamaConfig)
+    train_seq_len: int | None = None
+    optimizer: OptimizerConfig = field(default_factory=AdamConfig)
+    adapter: AdaptorConfig = field(default_factory=NoAdaptorConfig)
+
+    beta: float = 2.0
+    gamma_beta_ratio: float = 0.5
+    """The target margin divided by beta (the reference trainer's parameter); the paper's gamma is beta times this."""
+    loss_type: LossType = "sigmoid"
+    label_smoothing: float = 0.0
+    """Sigmoid loss only: weight on the flipped-label term, as in the reference trainer (0 to 0.5)."""
+    sft_weight: float = 0.0
+    """Adds this times the token-mean cross-entropy of the chosen completions."""
+
+    initialize_from_hf: bool | str = False
+    use_hf_model_config: bool = False
+    initialize_from_checkpoint_path: Optional[str] = None
+
+    validation_split_fraction: float | None = 0.1
+    """Hold out this fraction of the training pairs; None uses the data config's validation sets instead."""
+
+    hf_save_path: Optional[str] = None
+    hf_upload: bool | str = False
+    hf_save_steps: int | None = 10000
+    hf_save_dtype: Optional[str] = None
+    hf_generation_eos_token_ids: Optional[list[int]] = None
+    peft_save_path: Optional[str] = None
+    peft_hf_upload: bool | str = False
+    merged_hf_save_path: Optional[str] = None
+    merged_hf_upload: Optional[str] = None
+
+    data_seed: Optional[int] = None
+
+
+def validate_config(config: TrainSimpoConfig) -> None:
+    """Rejects settings that would train something other than SimPO, before any data or model is touched."""
+    if not (math.isfinite(config.beta) and config.beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {config.beta}")
+    if not math.isfinite(config.gamma_beta_ratio):
+        raise ValueError(f"gamma_beta_ratio must be finite, got {config.gamma_beta_ratio}")
+    if config.loss_type not in ("sigmoid", "hinge"):
+        raise ValueError(f"loss_type must be 'sigmoid' or 'hinge', got {config.loss_type!r}")
+    if not 0.0 <= config.label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {config.label_smoothing}")
+    if config.loss_type == "hinge" and config.label_smoothing > 0:
+        raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 with loss_type='hinge'")
+    if not (math.isfinite(config.sft_weight) and config.sft_weight >= 0):
+        raise ValueError(f"sft_weight must be a non-negative finite number, got {config.sft_weight}")
+    fraction = config.validation_split_fraction
+    if fraction is not None and not 0 <= fraction < 1:
+        raise ValueError(f"validation_split_fraction must be in [0, 1) or null, got {fraction}")
+    if config.initialize_from_hf and config.initialize_from_checkpoint_path is not None:
+        raise ValueError("Specify at most one of initialize_from_hf and initialize_from_checkpoint_path")
+    if config.initialize_from_hf and config.trainer.initialize_from is not None:
+        raise ValueError("Cannot specify both initialize_from_hf and trainer.initialize_from")
+    for name, component in config.data.components.items():
+        if not getattr(component.format, "mask_user_turns", True):
+            raise ValueError(
+                f"data component {name!r} sets mask_user_turns: false, which trains on prompt and padding tokens; "
+                "SimPO averages over completion tokens only"
+            )
+
+
+def _as_array(x: hax.NamedArray | jnp.ndarray) -> jnp.ndarray:
+    return x.array if isinstance(x, hax.NamedArray) else jnp.asarray(x)
+
+
+def _pair_mean(values: jnp.ndarray) -> Metric:
+    # value and count fold separately, so microbatches and eval batches average over pairs exactly
+    return Metric(_value=jnp.sum(values.astype(jnp.float32)), _count=jnp.asarray(values.size, jnp.float32))
+
+
+def simpo_loss_from_logps(
+    avg_logp_chosen: hax.NamedArray | jnp.ndarray,
+    avg_logp_rejected: hax.NamedArray | jnp.ndarray,
+    *,
+    beta: float,
+    gamma_beta_ratio: float,
+    loss_type: LossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[jnp.ndarray, dict[str, Metric]]:
+    """Mean SimPO loss over pairs from their length-normalised log-probs, with the reference trainer's metrics."""
+    chosen = _as_array(avg_logp_chosen).astype(jnp.float32)
+    rejected = _as_array(avg_logp_rejected).astype(jnp.float32)
+    logits = chosen - rejected - gamma_beta_ratio
+    if loss_type == "sigmoid":
+        # softplus(-x) == -log sigmoid(x), finite for any x
+        losses = (1 - label_smoothing) * jax.nn.softplus(-beta * logits) + label_smoothing * jax.nn.softplus(
+            beta * logits
+        )
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1 - beta * logits)
+    else:
+        raise ValueError(f"Unknown loss_type {loss_type!r}")
+    loss = jnp.mean(losses)
+
+    chosen_reward, rejected_reward = beta * chosen, beta * rejected
+    margin = _pair_mean(chosen - rejected)
+    reward_margin = _pair_mean(chosen_reward - rejected_reward)
+    reward_accuracy = _pair_mean(chosen_reward > rejected_reward)
+    metrics = {
+        "simpo_loss": _pair_mean(losses),
+        "simpo_margin": margin,
+        "simpo_accuracy": _pair_mean(logits > 0),
+        "simpo_chosen_reward": _pair_mean(chosen_reward),
+        "simpo_rejected_reward": _pair_mean(rejected_reward),
+        "simpo_reward_margin": reward_margin,
+        "simpo_chosen_logp": _pair_mean(chosen),
+        "simpo_rejected_logp": _pair_mean(rejected),
+        "rewards/chosen": _pair_mean(chosen_reward),
+        "rewards/rejected": _pair_mean(rejected_reward),
+        "rewards/margins": reward_margin,
+        "rewards/accuracies": reward_accuracy,
+        "logps/chosen": _pair_mean(chosen),
+        "logps/rejected": _pair_mean(rejected),
+    }
+    return loss, metrics
+
+
+def _completion_logp_sum_and_count(
+    model: LmHeadModel, example: LmExample, *, key=None
+) -> tuple[hax.NamedArray, hax.NamedArray]:
+    """Per sequence: summed log-prob of the trained tokens, and how many tokens were trained."""
+    Pos = example.tokens.resolve_axis(model.Pos.name)
+    # reduction=None gives per-position NLL already multiplied by loss_weight, the shifted completion mask
+    nll = model.compute_next_token_loss(example, reduction=None, reduction_axis=(), key=key)
+    return -hax.sum(nll, axis=Pos), hax.sum(example.loss_weight, axis=Pos)
+
+
+def _mean_or_zero(total: hax.NamedArray, count: hax.NamedArray) -> hax.NamedArray:
+    # a completion with no trained token averages to 0 rather than 0/0; callers count such rows
+    return hax.where(count > 0, total / hax.maximum(count, 1), hax.zeros_like(total))
+
+
+def _average_logp(model: LmHeadModel, example: LmExample, *, key=None) -> hax.NamedArray:
+    """Length-normalised log-prob of each sequence's completion tokens (0 for a sequence with none)."""
+    return _mean_or_zero(*_completion_logp_sum_and_count(model, example, key=key))
+
+
+def _stack_sides(example: DpoExample) -> LmExample:
+    return jax.tree.map(
+        lambda chosen, rejected: hax.stack(Side, [chosen, rejected]),
+        example.chosen,
+        example.rejected,
+        is_leaf=lambda x: isinstance(x, hax.NamedArray),
+    )
+
+
+def simpo_loss(
+    model: LmHeadModel,
+    example: DpoExample,
+    *,
+    beta: float,
+    gamma_beta_ratio: float,
+    loss_type: LossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    key=None,
+) -> tuple[jnp.ndarray, dict[str, Metric]]:
+    """The training objective on a batch of pairs: one forward pass over chosen and rejected together."""
+    logp_sum, count = _completion_logp_sum_and_count(model, _stack_sides(example), key=key)
+    avg = _mean_or_zero(logp_sum, count)
+    loss, metrics = simpo_loss_from_logps(
+        avg[Side, 0],
+        avg[Side, 1],
+        beta=beta,
+        gamma_beta_ratio=gamma_beta_ratio,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+    )
+    metrics["simpo_zero_token_completions"] = Metric.from_value(
+        jnp.sum(count.array == 0).astype(jnp.float32), ReductionType.SUM
+    )
+    if sft_weight > 0:
+        # the reference trainer's SFT term: cross-entropy averaged over all chosen tokens, not per pair
+        chosen_tokens = hax.sum(count[Side, 0]).array
+        sft = -hax.sum(logp_sum[Side, 0]).array / jnp.maximum(chosen_tokens, 1.0)
+        loss = loss + sft_weight * sft
+        metrics["simpo_sft_loss"] = Metric(_value=sft * chosen_tokens, _count=chosen_tokens)
+    return loss, metrics
+
+
+class HeldOutEvaluator:
+    """Evaluates the SimPO loss and metrics on held-out pairs and remembers the latest results for the summary."""
+
+    def __init__(self, trainer: Trainer, datasets: dict[str, object]):
+        @eqx.filter_jit
+        def eval_loss(model, batch):
+            return trainer.loss_fn(trainer.mp.cast_to_compute(model), batch, key=None)
+
+        self._eval_loss = eval_loss
+        self._loaders = {name: trainer.data_loader(ds, trainer.EvalBatch) for name, ds in datasets.items()}
+        self._max_batches = trainer.config.max_eval_batches
+        self.latest: dict[str, float] = {}
+        self.latest_step: int | None = None
+
+    def __call__(self, info: StepInfo):
+        if self.latest_step == info.step:
+            return
+        results: dict[str, float] = {}
+        single = len(self._loaders) == 1
+        for name, loader in self._loaders.items():
+            loss, metrics = callbacks.eval_loss_loop(
+                self._eval_loss, info.eval_model, loader, max_batches=self._max_batches, name=name
+            )
+            prefix = "eval" if single else f"eval/{name}"
+            results[f"{prefix}/loss"] = loss
+            results.update({f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("eval/")})
+        levanter.tracker.log(results, step=info.step)
+        self.latest, self.latest_step = results, info.step
+
+    def summary(self) -> str:
+        def pick(suffix: str) -> str:
+            return "  ".join(f"{k} {v:.4f}" for k, v in self.latest.items() if k.endswith(suffix))
+
+        parts = [pick(s) for s in ("rewards/accuracies", "/loss", "rewards/margins", "logps/chosen", "logps/rejected")]
+        return f"SimPO held-out metrics at step {self.latest_step}: " + "  ".join(p for p in parts if p)
+
+
+def _restore_from_partial_checkpoint(checkpointed: LmHeadModel, source: LmHeadModel, trainable_filter):
+    return eqx.combine(trainables_only(checkpointed, trainable_filter), source)
+
+
+def main(config: TrainSimpoConfig):
+    validate_config(config)
+
+    tokenizer = config.data.the_tokenizer
+    model_context = prepare_model_init_context(
+        config.model,
+        tokenizer=tokenizer,
+        initialize_from_hf=config.initialize_from_hf,
+        use_hf_model_config=config.use_hf_model_config,
+    )
+    if model_context.model is not config.model:
+        config = dataclasses.replace(config, model=model_context.model)
+
+    levanter.trainer.initialize(config)
+    optimizer = config.optimizer.build(config.trainer.num_train_steps)
+
+    def loss_function(model: LmHeadModel, example: DpoExample, *, key=None):
+        return simpo_loss(
+            model,
+            example,
+            beta=config.beta,
+            gamma_beta_ratio=config.gamma_beta_ratio,
+            loss_type=config.loss_type,
+            label_smoothing=config.label_smoothing,
+            sft_weight=config.sft_weight,
+            key=key,
+        )
+
+    with Trainer(config.trainer, optimizer, loss_function) as trainer:
+        data_key, model_key, training_key = jrandom.split(jrandom.PRNGKey(config.trainer.seed), 3)
+        if config.data_seed is not None:
+            logger.info(f"Overriding data seed with {config.data_seed}")
+            data_key = jrandom.PRNGKey(config.data_seed)
+        adapter_key = jrandom.fold_in(model_key, ord("a"))
+        parameter_axis_mapping = trainer.parameter_axis_mapping
+
+        train_length = config.train_seq_len if config.train_seq_len is not None else config.model.max_seq_len
+        if not 0 < train_length <= config.model.max_seq_len:
+            raise ValueError(
+                f"train_seq_len must be in [1, model max_seq_len={config.model.max_seq_len}], got {train_length}"
+            )
+        Pos = config.model.max_Pos.resize(train_length)
+        Vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), parameter_axis_mapping)
+
+        splits = build_preference_splits(
+            config.data, Pos, key=data_key, validation_split_fraction=config.validation_split_fraction
+        )
+        for split, stats in splits.stats.items():
+            logger.info(f"Preference data ({split}): {stats.describe()}")
+            levanter.tracker.log_summary(stats.as_metrics(f"data/{split}"))
+        gamma = config.beta * config.gamma_beta_ratio
+        logger.info(f"SimPO: beta={config.beta}, gamma_beta_ratio={config.gamma_beta_ratio}, gamma={gamma}")
+        levanter.tracker.log_summary({"simpo/beta": config.beta, "simpo/gamma": gamma})
+
+        def load_source_model() -> LmHeadModel:
+            if config.initialize_from_hf or config.initialize_from_checkpoint_path is not None:
+                model = load_model_from_source(
+                    context=model_context,
+                    Vocab=Vocab,
+                    model_key=model_key,
+                    parameter_axis_mapping=parameter_axis_mapping,
+                    compute_dtype=trainer.mp.compute_dtype,
+                    cast_to_param=trainer.mp.cast_to_param,
+                    hf_ref=config.initialize_from_hf,
+                    checkpoint_path=config.initialize_from_checkpoint_path,
+                )
+            else:
+                model = config.model.build(Vocab, key=model_key)
+            return config.adapter.apply(model, key=adapter_key, axis_mapping=parameter_axis_mapping)
+
+        _, resuming = trainer.checkpoint_load_plan()
+        pretrained = bool(config.initialize_from_hf) or config.initialize_from_checkpoint_path is not None
+        if pretrained and not resuming:
+            initial_model = load_source_model()
+            state = trainer.initial_state(
+                training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
+            )
+        elif isinstance(config.adapter, NoAdaptorConfig):
+            state = trainer.initial_state(training_key, model_init=lambda: config.model.build(Vocab, key=model_key))
+        else:
+            initial_model = config.adapter.apply(
+                config.model.build(Vocab, key=model_key), key=adapter_key, axis_mapping=parameter_axis_mapping
+            )
+            state = trainer.initial_state(
+                training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
+            )
+        if resuming and not isinstance(config.adapter, NoAdaptorConfig):
+            # adapter checkpoints hold only the trainable weights; rebuild the frozen base underneath them
+            source_model = load_source_model()
+            state = dataclasses.replace(
+                state,
+                model=_restore_from_partial_checkpoint(
+                    state.model, source_model, config.adapter.trainable_filter(source_model)
+                ),
+            )
+        levanter.tracker.log_summary(
+            {
+                "parameter_count": parameter_count(state.model),
+                "trainable_parameter_count": parameter_count(state.trainable_model),
+            }
+        )
+
+        # a pair is two sequences of Pos tokens, both run forward and backward
+        flops_per_token = config.model.flops_per_token(Vocab.size, Pos.size)
+        flops_per_pair = 2 * 3 * flops_per_token * Pos.size if flops_per_token is not None else None
+        trainer.add_hook(
+            callbacks.log_performance_stats(2 * Pos.size, trainer.config.batch_schedule, flops_per_pair), every=1
+        )
+
+        evaluator = None
+        if splits.validation:
+            evaluator = HeldOutEvaluator(trainer, splits.validation)
+            trainer.add_hook(evaluator, every=config.trainer.steps_per_eval)
+        else:
+            logger.warning("No held-out preference pairs: training without evaluation.")
+
+        config.adapter.install_export_hooks(
+            trainer=trainer,
+            converter=model_context.converter,
+            tokenizer=tokenizer,
+            export=AdaptorExportConfig(
+                hf_save_path=config.hf_save_path,
+                hf_upload=config.hf_upload,
+                hf_save_steps=config.hf_save_steps,
+                hf_save_dtype=config.hf_save_dtype,
+                generation_config=build_generation_config(tokenizer, config.hf_generation_eos_token_ids),
+                peft_save_path=config.peft_save_path,
+                peft_hf_upload=config.peft_hf_upload,
+                merged_hf_save_path=config.merged_hf_save_path,
+                merged_hf_upload=config.merged_hf_upload,
+            ),
+        )
+
+        if state.step > 0:
+            logger.info(f"Resuming SimPO training from step {state.step}")
+        train_loader = trainer.data_loader(splits.train).iter_from_step(state.step)
+        trainer.train(state, train_loader)
+
+        if trainer.config.checkpointer is not None:
+            trainer.config.checkpointer.create(trainer.run_id).wait_until_finished()
+
+    if evaluator is not None and evaluator.latest:
+        summary = evaluator.summary()
+        logger.info(summary)
+        print(summary, flush=True)
+    trainer.tracker.finish()
+
+
+if __name__ == "__main__":
+    levanter.config.main(main)()
