@@ -177,4 +177,17 @@ def test_pair_loss_equals_loss_from_separately_computed_averages(model):
     sft = -sum_c.sum() / chosen_tokens  # token-level mean over all chosen tokens, not a mean of per-pair means
     assert float(loss) == pytest.approx(float(reference) + 0.3 * sft, rel=1e-5)
     assert float(metrics["simpo_sft_loss"]) == pytest.approx(sft, rel=1e-5)
-    assert float(metrics["simpo_zero_token_completions"]) == 0.0
+    assert float(metrics["simpo_skipped_pairs"]) == 0.0
+
+
+def test_pairs_without_trained_tokens_are_left_out_and_counted(model):
+    chosen = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6], seed=1)
+    rejected = _batched_example(prompt_lengths=[3, 7, 1], lengths=[12, 7, 15], seed=2)  # pair 1: nothing trained
+    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), beta=2.0, gamma_beta_ratio=0.5)
+
+    avg_c, _ = _numpy_average_logp(model, chosen)
+    avg_r = _numpy_average_logp(model, rejected)[0][[0, 2]]
+    kept, kept_metrics = simpo_loss_from_logps(avg_c[[0, 2]], avg_r, beta=2.0, gamma_beta_ratio=0.5)
+    assert float(loss) == pytest.approx(float(kept), rel=1e-5)
+    assert float(metrics["rewards/accuracies"]) == pytest.approx(float(kept_metrics["rewards/accuracies"]))
+    assert float(metrics["simpo_skipped_pairs"]) == 1.0

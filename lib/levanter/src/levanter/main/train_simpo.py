@@ -120,9 +120,10 @@ def _as_array(x: hax.NamedArray | jnp.ndarray) -> jnp.ndarray:
     return x.array if isinstance(x, hax.NamedArray) else jnp.asarray(x)
 
 
-def _pair_mean(values: jnp.ndarray) -> Metric:
+def _pair_mean(values: jnp.ndarray, weight: jnp.ndarray) -> Metric:
     # value and count fold separately, so microbatches and eval batches average over pairs exactly
-    return Metric(_value=jnp.sum(values.astype(jnp.float32)), _count=jnp.asarray(values.size, jnp.float32))
+    weight = weight.astype(jnp.float32)
+    return Metric(_value=jnp.sum(values.astype(jnp.float32) * weight), _count=jnp.sum(weight))
 
 
 def simpo_loss_from_logps(
@@ -133,10 +134,16 @@ def simpo_loss_from_logps(
     gamma_beta_ratio: float,
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
+    pair_weight: hax.NamedArray | jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, dict[str, Metric]]:
-    """Mean SimPO loss over pairs from their length-normalised log-probs, with the reference trainer's metrics."""
+    """Mean SimPO loss over pairs from their length-normalised log-probs, with the reference trainer's metrics.
+
+    ``pair_weight`` (1 or 0 per pair) leaves pairs out of the loss and metrics: the loss of a batch whose pairs
+    all have weight 0 is 0.
+    """
     chosen = _as_array(avg_logp_chosen).astype(jnp.float32)
     rejected = _as_array(avg_logp_rejected).astype(jnp.float32)
+    weight = jnp.ones_like(chosen) if pair_weight is None else _as_array(pair_weight).astype(jnp.float32)
     logits = chosen - rejected - gamma_beta_ratio
     if loss_type == "sigmoid":
         # softplus(-x) == -log sigmoid(x), finite for any x
@@ -147,27 +154,30 @@ def simpo_loss_from_logps(
         losses = jax.nn.relu(1 - beta * logits)
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}")
-    loss = jnp.mean(losses)
+    loss = jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+    def mean(values):
+        return _pair_mean(values, weight)
 
     chosen_reward, rejected_reward = beta * chosen, beta * rejected
-    margin = _pair_mean(chosen - rejected)
-    reward_margin = _pair_mean(chosen_reward - rejected_reward)
-    reward_accuracy = _pair_mean(chosen_reward > rejected_reward)
     metrics = {
-        "simpo_loss": _pair_mean(losses),
-        "simpo_margin": margin,
-        "simpo_accuracy": _pair_mean(logits > 0),
-        "simpo_chosen_reward": _pair_mean(chosen_reward),
-        "simpo_rejected_reward": _pair_mean(rejected_reward),
-        "simpo_reward_margin": reward_margin,
-        "simpo_chosen_logp": _pair_mean(chosen),
-        "simpo_rejected_logp": _pair_mean(rejected),
-        "rewards/chosen": _pair_mean(chosen_reward),
-        "rewards/rejected": _pair_mean(rejected_reward),
-        "rewards/margins": reward_margin,
-        "rewards/accuracies": reward_accuracy,
-        "logps/chosen": _pair_mean(chosen),
-        "logps/rejected": _pair_mean(rejected),
+        "simpo_loss": mean(losses),
+        "simpo_margin": mean(chosen - rejected),
+        "simpo_accuracy": mean(logits > 0),
+        "simpo_chosen_reward": mean(chosen_reward),
+        "simpo_rejected_reward": mean(rejected_reward),
+        "simpo_reward_margin": mean(chosen_reward - rejected_reward),
+        "simpo_chosen_logp": mean(chosen),
+        "simpo_rejected_logp": mean(rejected),
+    }
+    # the same quantities under the names the reference trainer and TRL log
+    metrics |= {
+        "rewards/chosen": metrics["simpo_chosen_reward"],
+        "rewards/rejected": metrics["simpo_rejected_reward"],
+        "rewards/margins": metrics["simpo_reward_margin"],
+        "rewards/accuracies": mean(chosen_reward > rejected_reward),
+        "logps/chosen": metrics["simpo_chosen_logp"],
+        "logps/rejected": metrics["simpo_rejected_logp"],
     }
     return loss, metrics
 
@@ -215,6 +225,8 @@ def simpo_loss(
     """The training objective on a batch of pairs: one forward pass over chosen and rejected together."""
     logp_sum, count = _completion_logp_sum_and_count(model, _stack_sides(example), key=key)
     avg = _mean_or_zero(logp_sum, count)
+    # a side with no trained token (the loader's padding pairs at the end of an eval set) has no average
+    trainable = hax.all(count > 0, axis=Side).array
     loss, metrics = simpo_loss_from_logps(
         avg[Side, 0],
         avg[Side, 1],
@@ -222,10 +234,9 @@ def simpo_loss(
         gamma_beta_ratio=gamma_beta_ratio,
         loss_type=loss_type,
         label_smoothing=label_smoothing,
+        pair_weight=trainable,
     )
-    metrics["simpo_zero_token_completions"] = Metric.from_value(
-        jnp.sum(count.array == 0).astype(jnp.float32), ReductionType.SUM
-    )
+    metrics["simpo_skipped_pairs"] = Metric.from_value(jnp.sum(~trainable).astype(jnp.float32), ReductionType.SUM)
     if sft_weight > 0:
         # the reference trainer's SFT term: cross-entropy averaged over all chosen tokens, not per pair
         chosen_tokens = hax.sum(count[Side, 0]).array
@@ -268,7 +279,7 @@ class HeldOutEvaluator:
         def pick(suffix: str) -> str:
             return "  ".join(f"{k} {v:.4f}" for k, v in self.latest.items() if k.endswith(suffix))
 
-        parts = [pick(s) for s in ("rewards/accuracies", "/loss", "rewards/margins", "logps/chosen", "logps/rejected")]
+        parts = [pick(s) for s in ("rewards/accuracies", "simpo_loss", "rewards/margins", "logps/chosen", "logps/rejected")]
         return f"SimPO held-out metrics at step {self.latest_step}: " + "  ".join(p for p in parts if p)
 
 
