@@ -31,8 +31,10 @@ from levanter.adaptor import AdaptorConfig, AdaptorExportConfig, NoAdaptorConfig
 from levanter.callbacks import StepInfo
 from levanter.compat.hf_checkpoints import build_generation_config
 from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
+from levanter.data.text.preference_packing import PrefixSharedPairs
 from levanter.data.text.preference_pairs import build_preference_splits
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
+from levanter.main.simpo_packing import pairs_axis, packed_logp_sums_and_counts, prefix_shared_logp_sums_and_counts
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig, LmExample, LmHeadModel
@@ -213,17 +215,30 @@ def _stack_sides(example: DpoExample) -> LmExample:
 
 def simpo_loss(
     model: LmHeadModel,
-    example: DpoExample,
+    example: DpoExample | PrefixSharedPairs,
     *,
     beta: float,
     gamma_beta_ratio: float,
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
+    max_pairs_per_row: int = 1,
     key=None,
 ) -> tuple[jnp.ndarray, dict[str, Metric]]:
-    """The training objective on a batch of pairs: one forward pass over chosen and rejected together."""
-    logp_sum, count = _completion_logp_sum_and_count(model, _stack_sides(example), key=key)
+    """The training objective on a batch of pairs: one forward pass over chosen and rejected together.
+
+    ``example`` holds one pair per row, up to ``max_pairs_per_row`` packed pairs per row, or shared-prompt rows
+    (``PrefixSharedPairs``); the loss is the same mean over pairs in each case.
+    """
+    if isinstance(example, PrefixSharedPairs):
+        Pairs = pairs_axis(max_pairs_per_row)
+        logp_sum, count = prefix_shared_logp_sums_and_counts(model, example, Pairs, Side=Side, key=key)
+    elif max_pairs_per_row > 1:
+        logp_sum, count = packed_logp_sums_and_counts(
+            model, _stack_sides(example), pairs_axis(max_pairs_per_row), key=key
+        )
+    else:
+        logp_sum, count = _completion_logp_sum_and_count(model, _stack_sides(example), key=key)
     avg = _mean_or_zero(logp_sum, count)
     # a side with no trained token (the loader's padding pairs at the end of an eval set) has no average
     trainable = hax.all(count > 0, axis=Side).array
