@@ -1,0 +1,356 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""SimPO step cost against Levanter's LM step and its DPO step, and padding on UltraFeedback-like lengths.
+
+    uv run python lib/levanter/bench/bench_simpo.py            # full table (CPU: ~15 min on a busy 2-core box)
+    uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model only, a smoke run
+
+Every step goes through ``Trainer.train_step`` with the real loss functions: ``train_simpo.simpo_loss``, the
+``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
+frozen reference (as ``train_dpo`` builds it). Variants are timed interleaved, in rotating order, and the table
+reports medians, so a shared machine's load hits them alike. Peak memory is the peak RSS (CPU) or peak device
+memory (GPU) of a fresh subprocess per variant. This is a benchmark: it asserts nothing about speed.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import equinox as eqx  # noqa: E402
+import haliax as hax  # noqa: E402
+import jax  # noqa: E402
+import jax.random as jrandom  # noqa: E402
+import jmp  # noqa: E402
+import numpy as np  # noqa: E402
+from haliax import Axis  # noqa: E402
+
+from levanter.callbacks.watch import WatchConfig  # noqa: E402
+from levanter.checkpoint import CheckpointerConfig  # noqa: E402
+from levanter.data.text.preference import DpoExample, PreferenceChatLmDatasetFormat  # noqa: E402
+from levanter.data.text.preference_packing import (  # noqa: E402
+    PrefixSharedPairDataset,
+    packed_pair_dataset,
+    padding_report,
+)
+from levanter.dpo import DpoModel, dpo_loss  # noqa: E402
+from levanter.main.train_simpo import simpo_loss  # noqa: E402
+from levanter.models.llama import LlamaConfig  # noqa: E402
+from levanter.models.lm_model import LmExample  # noqa: E402
+from levanter.optim.config import AdamConfig  # noqa: E402
+from levanter.store.cache import SerialCacheWriter  # noqa: E402
+from levanter.tracker import NoopConfig  # noqa: E402
+from levanter.trainer import Trainer, TrainerConfig  # noqa: E402
+from levanter.utils.jax_utils import parameter_count  # noqa: E402
+from levanter.utils.tree_utils import inference_mode  # noqa: E402
+
+VOCAB = Axis("vocab", 8192)
+SIZES = {
+    "tiny": dict(hidden_dim=64, intermediate_dim=256, num_layers=2, num_heads=4, num_kv_heads=4),
+    "small": dict(hidden_dim=256, intermediate_dim=1024, num_layers=4, num_heads=4, num_kv_heads=4),
+    "medium": dict(hidden_dim=512, intermediate_dim=2048, num_layers=8, num_heads=8, num_kv_heads=8),
+}
+VARIANTS = ("lm", "simpo", "dpo")
+# UltraFeedback (binarized) token lengths under a Llama tokenizer, approximately: prompts mean ~170 tokens with a
+# long tail (median ~110), chosen completions mean ~330, rejected ~280 (the SimPO paper's length-bias point is
+# that chosen runs longer). Log-normal with these means; the table prints the sampled means.
+UF_MEANS = {"prompt": 170, "chosen": 330, "rejected": 280}
+UF_SIGMA = {"prompt": 0.9, "chosen": 0.7, "rejected": 0.75}
+EXEMPLAR = {
+    k: np.zeros((0,), dtype=np.int32)
+    for k in ("chosen_input_ids", "chosen_assistant_masks", "rejected_input_ids", "rejected_assistant_masks")
+}
+
+
+def model_config(size: str, seq_len: int) -> LlamaConfig:
+    return LlamaConfig(max_seq_len=seq_len, gradient_checkpointing=False, **SIZES[size])
+
+
+def trainer_config(batch: int) -> TrainerConfig:
+    return TrainerConfig(
+        id="bench-simpo",
+        num_train_steps=10_000,
+        train_batch_size=batch,
+        mp=jmp.get_policy("p=f32,c=f32"),
+        tracker=NoopConfig(),
+        watch=WatchConfig(watch_targets=[]),
+        require_accelerator=False,
+        load_checkpoint=False,
+        checkpointer=CheckpointerConfig(base_path=tempfile.mkdtemp(prefix="bench_simpo_ckpt")),
+    )
+
+
+def full_length_pairs(pairs: int, seq_len: int, seed: int = 0) -> DpoExample:
+    """Pairs whose both sides fill the sequence (a quarter prompt), so every variant sees only real tokens."""
+    rng = np.random.default_rng(seed)
+    Pos = Axis("position", seq_len)
+    prompt = seq_len // 4
+
+    def side():
+        tokens = rng.integers(3, VOCAB.size, (pairs, seq_len)).astype(np.int32)
+        tokens[:, prompt // 2 : prompt] = tokens[0, prompt // 2 : prompt]  # shared with the other side below
+        trained = np.zeros((pairs, seq_len), np.float32)
+        trained[:, prompt:] = 1
+        return tokens, trained
+
+    (ct, cm), (rt, rm) = side(), side()
+    rt[:, :prompt] = ct[:, :prompt]
+
+    def example(tokens, trained):
+        rows = []
+        for t, m in zip(tokens, trained):
+            t, m = hax.named(t, Pos), hax.named(m, Pos)
+            seg = hax.zeros(Pos, dtype=np.int32)
+            rows.append(LmExample.causal(t, loss_weight=hax.roll(m, -1, Pos), segment_ids=seg))
+        return stacked(rows)
+
+    return DpoExample(chosen=example(ct, cm), rejected=example(rt, rm))
+
+
+def as_lm_batch(pairs: DpoExample) -> LmExample:
+    """The same sequences as one LM batch of twice the rows (chosen rows, then rejected rows)."""
+    n = pairs.chosen.tokens.axes[0].size
+    Batch = Axis("batch", 2 * n)
+    return jax.tree.map(
+        lambda c, r: hax.named(np.concatenate([c.array, r.array]), (Batch, *c.axes[1:])),
+        pairs.chosen,
+        pairs.rejected,
+        is_leaf=lambda x: isinstance(x, hax.NamedArray),
+    )
+
+
+def simpo_fn(max_pairs_per_row: int = 1):
+    def loss(model, example, *, key=None):
+        return simpo_loss(
+            model, example, beta=2.0, gamma_beta_ratio=0.5, max_pairs_per_row=max_pairs_per_row, key=key
+        )
+
+    return loss
+
+
+def lm_loss(model, example, *, key=None):
+    return model.compute_next_token_loss(example, key=key)
+
+
+def dpo_step_loss(model: DpoModel, example, *, key=None):
+    return dpo_loss(model.policy, inference_mode(model.reference, True), example, beta=0.1)
+
+
+class Stepper:
+    """A Trainer, its state and one batch: ``step()`` runs and waits for one optimizer step."""
+
+    def __init__(self, variant: str, size: str, seq_len: int, pairs: DpoExample | object, rows: int, loss=None):
+        config = model_config(size, seq_len)
+        optimizer = AdamConfig(learning_rate=1e-4, warmup=0.0).build(10_000)
+        key_p, key_r = jrandom.split(jrandom.PRNGKey(0))
+        if variant == "dpo":
+            self.trainer = Trainer(trainer_config(rows), optimizer, dpo_step_loss)
+            model = DpoModel(policy=config.build(VOCAB, key=key_p), reference=config.build(VOCAB, key=key_r))
+            trainable = DpoModel(policy=True, reference=False)  # type: ignore[arg-type]
+            self.batch = pairs
+        elif variant == "lm":
+            self.trainer = Trainer(trainer_config(2 * rows), optimizer, lm_loss)
+            model, trainable, self.batch = config.build(VOCAB, key=key_p), True, as_lm_batch(pairs)
+        else:
+            self.trainer = Trainer(trainer_config(rows), optimizer, loss or simpo_fn())
+            model, trainable, self.batch = config.build(VOCAB, key=key_p), True, pairs
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(self.trainer)
+        self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
+        self.params = parameter_count(self.state.trainable_model)
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        info = self.trainer.train_step(self.state, self.batch)
+        jax.block_until_ready(info.state.model)
+        self.state = info.state
+        return time.perf_counter() - start
+
+
+def peak_memory_mb() -> float:
+    device = jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        return stats.get("peak_bytes_in_use", 0) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(variant: str, size: str, seq_len: int, pairs: int) -> None:
+    """One variant in a fresh process: its peak memory, and the same process's memory before the model exists."""
+    before = peak_memory_mb()
+    stepper = Stepper(variant, size, seq_len, full_length_pairs(pairs, seq_len), pairs)
+    for _ in range(2):
+        stepper.step()
+    print(json.dumps({"before_mb": before, "peak_mb": peak_memory_mb(), "params": stepper.params}))
+
+
+def measure_memory(variant: str, size: str, seq_len: int, pairs: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--size", size, "--seq-len", str(seq_len)]
+    out = subprocess.run(cmd + ["--pairs", str(pairs)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def interleaved_medians(steppers: dict[str, Stepper], repeats: int) -> dict[str, float]:
+    for s in steppers.values():  # compile, then one warm step
+        s.step()
+        s.step()
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    names = list(steppers)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(steppers[name].step())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ultrafeedback_like(n: int, seq_len: int, scale: float, seed: int = 0) -> list[dict]:
+    """Pairs with UltraFeedback-like prompt/completion lengths (times ``scale``) that fit ``seq_len``."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    while len(rows) < n:
+        lengths = {}
+        for part, mean in UF_MEANS.items():
+            sigma = UF_SIGMA[part]
+            mu = np.log(mean * scale) - sigma**2 / 2  # log-normal with this mean
+            lengths[part] = max(1, int(rng.lognormal(mu, sigma)))
+        if 1 + lengths["prompt"] + lengths["chosen"] + lengths["rejected"] + 2 > seq_len:
+            # the reference trainer truncates; dropping keeps every kept pair exact, and keeping only pairs whose
+            # shared-prompt row fits gives every layout the same pairs
+            continue
+        prompt = [1, *rng.integers(3, VOCAB.size, lengths["prompt"])]
+        row = {}
+        for side in ("chosen", "rejected"):
+            completion = [*rng.integers(3, VOCAB.size, lengths[side]), 2]
+            row[f"{side}_input_ids"] = np.array(prompt + completion, np.int32)
+            row[f"{side}_assistant_masks"] = np.array([0] * len(prompt) + [1] * len(completion), np.int32)
+        rows.append(row)
+    return rows
+
+
+def write_cache(rows: list[dict]):
+    path = tempfile.mkdtemp(prefix="bench_simpo_pairs")
+    with SerialCacheWriter(path, EXEMPLAR) as writer:
+        writer.write_batch(rows)
+    return writer.result()
+
+
+def stacked(items: list) -> object:
+    Batch = Axis("batch", len(items))
+    return jax.tree.map(lambda *xs: hax.stack(Batch, xs), *items, is_leaf=lambda x: isinstance(x, hax.NamedArray))
+
+
+def pairs_in(batch, layout: str) -> int:
+    if layout == "shared":
+        ids = np.asarray(batch.pair_ids.array)
+        return int(sum(len(np.unique(row[row >= 0])) for row in ids))
+    seg = np.asarray(batch.chosen.attn_mask.segment_ids[0].array)
+    return int(sum(len(np.unique(row[row >= 0])) for row in seg))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, short sequences, few repeats")
+    parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per step")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    seq_len = args.seq_len or (128 if args.quick else 256)
+    pairs = args.pairs or 4
+    if args.worker:
+        worker(args.worker, args.size, seq_len, pairs)
+        return
+    sizes = args.sizes or (["tiny"] if args.quick else list(SIZES))
+    repeats = args.repeats or (3 if args.quick else 5)
+
+    device = jax.local_devices()[0]
+    print(f"# SimPO benchmark  {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"device: {device.platform} ({device.device_kind}), {jax.local_device_count()} device(s), {os.cpu_count()} CPUs")
+    print(f"jax {jax.__version__}, load average at start {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f}")
+    print(f"seq_len {seq_len}, {pairs} pairs = {2 * pairs} sequences per step, fp32, vocab {VOCAB.size}, "
+          f"median of {repeats} interleaved steps\n")
+
+    print("## Step time: SimPO vs Levanter LM step (same sequences) vs Levanter DPO step (reference model)\n")
+    print("| model | params | LM step s | SimPO step s | DPO step s | LM tok/s | SimPO tok/s | SimPO/LM tok/s "
+          "| DPO/SimPO time | SimPO peak MB | DPO peak MB | DPO-SimPO MB | ref weights MB | load |")
+    print("|" + "---|" * 14)
+    data = full_length_pairs(pairs, seq_len)
+    tokens = 2 * pairs * seq_len
+    for size in sizes:
+        steppers = {v: Stepper(v, size, seq_len, data, pairs) for v in VARIANTS}
+        t = interleaved_medians(steppers, repeats)
+        params = steppers["simpo"].params
+        del steppers
+        mem = {v: measure_memory(v, size, seq_len, pairs) for v in ("simpo", "dpo")}
+        ref_mb = params * 4 / 2**20
+        print(
+            f"| {size} | {params / 1e6:.1f}M | {t['lm']:.3f} | {t['simpo']:.3f} | {t['dpo']:.3f} "
+            f"| {tokens / t['lm']:.0f} | {tokens / t['simpo']:.0f} | {t['lm'] / t['simpo']:.3f} "
+            f"| {t['dpo'] / t['simpo']:.2f} | {mem['simpo']['peak_mb']:.0f} | {mem['dpo']['peak_mb']:.0f} "
+            f"| {mem['dpo']['peak_mb'] - mem['simpo']['peak_mb']:.0f} | {ref_mb:.0f} | {os.getloadavg()[0]:.1f} |",
+            flush=True,
+        )
+
+    print("\n## Real tokens on UltraFeedback-like lengths (Levanter's stack vs packed pairs vs shared prompt)\n")
+    full_len, n_pairs = (512, 200) if args.quick else (2048, 2000)
+    rows = ultrafeedback_like(n_pairs, full_len, scale=1.0)
+    cache = write_cache(rows)
+    fmt = PreferenceChatLmDatasetFormat()
+    Pos = Axis("position", full_len)
+    prompt_mean = np.mean([np.argmax(r["chosen_assistant_masks"]) for r in rows])
+    print(f"{n_pairs} synthetic pairs at seq_len {full_len}: mean prompt {prompt_mean:.0f}, chosen "
+          f"{np.mean([r['chosen_assistant_masks'].sum() for r in rows]):.0f}, rejected "
+          f"{np.mean([r['rejected_assistant_masks'].sum() for r in rows]):.0f} tokens\n")
+    print("| layout | rows of seq_len | real-token fraction | padding fraction |")
+    print("|---|---|---|---|")
+    for layout, k in (("padded", 1), ("packed", 8), ("shared", 8)):
+        rep = padding_report(fmt, cache, Pos, layout, max_pairs_per_row=k)
+        name = {"padded": "Levanter (each side padded)", "packed": f"packed, <= {k} pairs/row",
+                "shared": f"shared prompt + packed, <= {k} pairs/row"}[layout]
+        print(f"| {name} | {rep.rows} | {rep.real_fraction:.3f} | {1 - rep.real_fraction:.3f} |", flush=True)
+
+    print("\n## Pairs/s by layout on UltraFeedback-like lengths (same rows x seq_len per step)\n")
+    size = sizes[-1] if args.quick else "small"
+    lay_len, lay_rows = (128, 4) if args.quick else (512, 4)
+    scale = lay_len / 2048
+    small_rows = ultrafeedback_like(400, lay_len, scale=scale, seed=1)
+    small_cache = write_cache(small_rows)
+    LPos = Axis("position", lay_len)
+    k = 8
+    datasets = {
+        "padded": (packed_pair_dataset(fmt, LPos, small_cache, max_pairs_per_row=1), 1, lay_rows),
+        "packed": (packed_pair_dataset(fmt, LPos, small_cache, max_pairs_per_row=k), k, lay_rows),
+        # one shared row holds both sides, so it gets twice the rows: the same positions per step
+        "shared": (PrefixSharedPairDataset(small_cache, LPos, max_pairs_per_row=k), k, 2 * lay_rows),
+    }
+    steppers, counts = {}, {}
+    for layout, (ds, kk, n) in datasets.items():
+        sync = ds.as_sync_dataset()
+        batch = stacked(sync.get_batch(list(range(n))))
+        counts[layout] = pairs_in(batch, layout)
+        steppers[layout] = Stepper("simpo", size, lay_len, batch, n, loss=simpo_fn(kk))
+    t = interleaved_medians(steppers, repeats)
+    print(f"model {size}, seq_len {lay_len}, lengths scaled by {scale:.2f}, {lay_rows * 2} sequences per step, "
+          f"load {os.getloadavg()[0]:.1f}\n")
+    print("| layout | pairs/step | step s | pairs/s | vs padded |")
+    print("|---|---|---|---|---|")
+    base = counts["padded"] / t["padded"]
+    for layout in datasets:
+        rate = counts[layout] / t[layout]
+        print(f"| {layout} | {counts[layout]} | {t[layout]:.3f} | {rate:.1f} | {rate / base:.2f}x |")
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
