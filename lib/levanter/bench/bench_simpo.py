@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """SimPO step cost against Levanter's LM step and its DPO step, and padding on UltraFeedback-like lengths.
 
-    uv run python lib/levanter/bench/bench_simpo.py            # full table (CPU: ~15 min on a busy 2-core box)
-    uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model only, a smoke run
+    uv run python lib/levanter/bench/bench_simpo.py            # full table (CPU: ~40 min on a busy 2-core box)
+    uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model, short rows (~7 min)
 
 Every step goes through ``Trainer.train_step`` with the real loss functions: ``train_simpo.simpo_loss``, the
 ``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import resource
 import statistics
@@ -168,12 +169,44 @@ class Stepper:
         self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
         self.params = parameter_count(self.state.trainable_model)
 
+    def xla_memory_mb(self) -> float:
+        """Bytes XLA plans for the compiled train step: state and batch in, temporaries (activations, gradients),
+        outputs not aliased onto donated inputs. Deterministic, and the device memory on an accelerator."""
+        lowered = self.trainer._jit_train_step_fn_no_hook.lower(self.state, (self.batch,), {})
+        m = lowered.compile().memory_analysis()
+        total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+        return total / 2**20
+
     def step(self) -> float:
         start = time.perf_counter()
         info = self.trainer.train_step(self.state, self.batch)
         jax.block_until_ready(info.state.model)
         self.state = info.state
         return time.perf_counter() - start
+
+
+def xla_flops(size: str, seq_len: int, data: DpoExample) -> dict[str, float]:
+    """FLOPs XLA's cost model assigns to each variant's loss-and-gradient: a load-independent check of the ratios."""
+    config = model_config(size, seq_len)
+    key_p, key_r = jrandom.split(jrandom.PRNGKey(0))
+    policy, reference = config.build(VOCAB, key=key_p), config.build(VOCAB, key=key_r)
+    lm_batch = as_lm_batch(data)
+    grads = {
+        "lm": (lambda m, b: lm_loss(m, b).scalar(), lm_batch),
+        "simpo": (lambda m, b: simpo_fn()(m, b)[0], data),
+        "dpo": (lambda m, b: dpo_loss(m, inference_mode(reference, True), b, beta=0.1)[0], data),
+    }
+    params, static = eqx.partition(policy, eqx.is_array)
+    flops = {}
+    for name, (fn, batch) in grads.items():
+
+        def loss(p, b, fn=fn):
+            return fn(eqx.combine(p, static), b)
+
+        analysis = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        flops[name] = float(analysis["flops"])
+    return flops
 
 
 def peak_memory_mb() -> float:
@@ -184,13 +217,19 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def live_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def worker(variant: str, size: str, seq_len: int, pairs: int) -> None:
-    """One variant in a fresh process: its peak memory, and the same process's memory before the model exists."""
-    before = peak_memory_mb()
+    """One variant in a fresh process: peak memory (on CPU dominated by XLA compiling the step) and the resident
+    memory after two steps, when parameters, optimizer state and any reference model are live."""
     stepper = Stepper(variant, size, seq_len, full_length_pairs(pairs, seq_len), pairs)
     for _ in range(2):
         stepper.step()
-    print(json.dumps({"before_mb": before, "peak_mb": peak_memory_mb(), "params": stepper.params}))
+    live = live_rss_mb() if jax.local_devices()[0].platform == "cpu" else math.nan
+    print(json.dumps({"peak_mb": peak_memory_mb(), "live_mb": live, "xla_mb": stepper.xla_memory_mb()}))
 
 
 def measure_memory(variant: str, size: str, seq_len: int, pairs: int) -> dict:
@@ -271,7 +310,8 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.size, seq_len, pairs)
         return
-    sizes = args.sizes or (["tiny"] if args.quick else list(SIZES))
+    # "medium" (--sizes medium) takes tens of minutes per row on a shared 2-core CPU
+    sizes = args.sizes or (["tiny"] if args.quick else ["tiny", "small"])
     repeats = args.repeats or (3 if args.quick else 5)
 
     device = jax.local_devices()[0]
@@ -283,7 +323,8 @@ def main() -> None:
 
     print("## Step time: SimPO vs Levanter LM step (same sequences) vs Levanter DPO step (reference model)\n")
     print("| model | params | LM step s | SimPO step s | DPO step s | LM tok/s | SimPO tok/s | SimPO/LM tok/s "
-          "| DPO/SimPO time | SimPO peak MB | DPO peak MB | DPO-SimPO MB | ref weights MB | load |")
+          "| DPO/SimPO time | SimPO / DPO peak MB | SimPO / DPO live MB | SimPO / DPO XLA step MB | ref weights MB "
+          "| load |")
     print("|" + "---|" * 14)
     data = full_length_pairs(pairs, seq_len)
     tokens = 2 * pairs * seq_len
@@ -297,10 +338,19 @@ def main() -> None:
         print(
             f"| {size} | {params / 1e6:.1f}M | {t['lm']:.3f} | {t['simpo']:.3f} | {t['dpo']:.3f} "
             f"| {tokens / t['lm']:.0f} | {tokens / t['simpo']:.0f} | {t['lm'] / t['simpo']:.3f} "
-            f"| {t['dpo'] / t['simpo']:.2f} | {mem['simpo']['peak_mb']:.0f} | {mem['dpo']['peak_mb']:.0f} "
-            f"| {mem['dpo']['peak_mb'] - mem['simpo']['peak_mb']:.0f} | {ref_mb:.0f} | {os.getloadavg()[0]:.1f} |",
+            f"| {t['dpo'] / t['simpo']:.2f} | {mem['simpo']['peak_mb']:.0f} / {mem['dpo']['peak_mb']:.0f} "
+            f"| {mem['simpo']['live_mb']:.0f} / {mem['dpo']['live_mb']:.0f} "
+            f"| {mem['simpo']['xla_mb']:.1f} / {mem['dpo']['xla_mb']:.1f} | {ref_mb:.1f} | {os.getloadavg()[0]:.1f} |",
             flush=True,
         )
+
+    print("\n## XLA cost model: FLOPs of loss + gradient (no timing noise)\n")
+    print("| model | LM GFLOP | SimPO GFLOP | DPO GFLOP | SimPO/LM | DPO/SimPO |")
+    print("|---|---|---|---|---|---|")
+    for size in sizes:
+        f = xla_flops(size, seq_len, data)
+        print(f"| {size} | {f['lm'] / 1e9:.2f} | {f['simpo'] / 1e9:.2f} | {f['dpo'] / 1e9:.2f} "
+              f"| {f['simpo'] / f['lm']:.3f} | {f['dpo'] / f['simpo']:.3f} |", flush=True)
 
     print("\n## Real tokens on UltraFeedback-like lengths (Levanter's stack vs packed pairs vs shared prompt)\n")
     full_len, n_pairs = (512, 200) if args.quick else (2048, 2000)
