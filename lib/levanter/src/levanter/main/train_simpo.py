@@ -34,6 +34,7 @@ from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.data.text.preference_packing import PrefixSharedPairs
 from levanter.data.text.preference_pairs import build_preference_splits
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
+from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_packing import pairs_axis, packed_logp_sums_and_counts, prefix_shared_logp_sums_and_counts
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
@@ -437,8 +438,13 @@ def main(config: TrainSimpoConfig):
 
         if state.step > 0:
             logger.info(f"Resuming SimPO training from step {state.step}")
-        train_loader = trainer.data_loader(splits.train).iter_from_step(state.step)
-        trainer.train(state, train_loader)
+        # Levanter's NaN/Inf crash names neither step nor batch and misses non-finite gradients; the guard adds both
+        guard = NonFiniteGuard(trainer.config.batch_schedule)
+        if config.trainer.crash_on_nan or config.trainer.crash_on_inf:
+            trainer.add_hook(guard, every=1)
+        train_loader = guard.track(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
+        with guard.reporting():
+            trainer.train(state, train_loader)
 
         if trainer.config.checkpointer is not None:
             trainer.config.checkpointer.create(trainer.run_id).wait_until_finished()

@@ -1,0 +1,36 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""Random preference-pair batches for loss-level tests: random tokens, a prompt shared by both sides, and
+completions of different lengths, masked the way the preference stack masks them."""
+
+import haliax as hax
+import jax.numpy as jnp
+import numpy as np
+
+from levanter.data.text.preference import DpoExample
+from levanter.models.lm_model import LmExample
+
+
+def _side(rng, Batch: hax.Axis, Pos: hax.Axis, high: int, prompts, first_token: int | None) -> LmExample:
+    tokens = rng.integers(1, high, size=(Batch.size, Pos.size)).astype(np.int32)
+    if first_token is not None:
+        tokens[0, 0] = first_token
+    mask = np.zeros((Batch.size, Pos.size), np.float32)
+    for i, prompt in enumerate(prompts):
+        end = rng.integers(prompt + 2, Pos.size + 1)
+        tokens[i, end:] = 0
+        mask[i, prompt:end] = 1
+    tokens_n = hax.named(jnp.asarray(tokens), (Batch, Pos))
+    weight = hax.roll(hax.named(jnp.asarray(mask), (Batch, Pos)), -1, Pos)  # weight t scores token t+1
+    return hax.vmap(lambda t, w: LmExample.causal(t, loss_weight=w), Batch)(tokens_n, weight)
+
+
+def random_pairs(
+    seed: int, Batch: hax.Axis, Pos: hax.Axis, *, high: int, max_prompt: int, first_token: int | None = None
+) -> DpoExample:
+    """Tokens are drawn from [1, high); ``first_token`` replaces the chosen side's first token of the first pair."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(2, max_prompt, size=Batch.size)
+    return DpoExample(
+        chosen=_side(rng, Batch, Pos, high, prompts, first_token), rejected=_side(rng, Batch, Pos, high, prompts, None)
+    )
