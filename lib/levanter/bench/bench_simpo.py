@@ -185,28 +185,28 @@ class Stepper:
         return time.perf_counter() - start
 
 
+def loss_grad_flops(model, fn, batch) -> float:
+    """FLOPs XLA's cost model assigns to ``fn``'s value and gradient with respect to ``model``."""
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def loss(p, b):
+        return fn(eqx.combine(p, static), b)
+
+    analysis = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
 def xla_flops(size: str, seq_len: int, data: DpoExample) -> dict[str, float]:
-    """FLOPs XLA's cost model assigns to each variant's loss-and-gradient: a load-independent check of the ratios."""
+    """Loss-and-gradient FLOPs per variant: a load-independent check of the timed ratios."""
     config = model_config(size, seq_len)
     key_p, key_r = jrandom.split(jrandom.PRNGKey(0))
     policy, reference = config.build(VOCAB, key=key_p), config.build(VOCAB, key=key_r)
-    lm_batch = as_lm_batch(data)
-    grads = {
-        "lm": (lambda m, b: lm_loss(m, b).scalar(), lm_batch),
-        "simpo": (lambda m, b: simpo_fn()(m, b)[0], data),
-        "dpo": (lambda m, b: dpo_loss(m, inference_mode(reference, True), b, beta=0.1)[0], data),
+    return {
+        "lm": loss_grad_flops(policy, lambda m, b: lm_loss(m, b).scalar(), as_lm_batch(data)),
+        "simpo": loss_grad_flops(policy, lambda m, b: simpo_fn()(m, b)[0], data),
+        "dpo": loss_grad_flops(policy, lambda m, b: dpo_loss(m, inference_mode(reference, True), b, beta=0.1)[0], data),
     }
-    params, static = eqx.partition(policy, eqx.is_array)
-    flops = {}
-    for name, (fn, batch) in grads.items():
-
-        def loss(p, b, fn=fn):
-            return fn(eqx.combine(p, static), b)
-
-        analysis = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        flops[name] = float(analysis["flops"])
-    return flops
 
 
 def peak_memory_mb() -> float:
@@ -384,21 +384,24 @@ def main() -> None:
         # one shared row holds both sides, so it gets twice the rows: the same positions per step
         "shared": (PrefixSharedPairDataset(small_cache, LPos, max_pairs_per_row=k), k, 2 * lay_rows),
     }
-    steppers, counts = {}, {}
+    steppers, counts, flops = {}, {}, {}
     for layout, (ds, kk, n) in datasets.items():
         sync = ds.as_sync_dataset()
         batch = stacked(sync.get_batch(list(range(n))))
         counts[layout] = pairs_in(batch, layout)
         steppers[layout] = Stepper("simpo", size, lay_len, batch, n, loss=simpo_fn(kk))
+        flops[layout] = loss_grad_flops(steppers[layout].state.model, lambda m, b, kk=kk: simpo_fn(kk)(m, b)[0], batch)
     t = interleaved_medians(steppers, repeats)
     print(f"model {size}, seq_len {lay_len}, lengths scaled by {scale:.2f}, {lay_rows * 2} sequences per step, "
           f"load {os.getloadavg()[0]:.1f}\n")
-    print("| layout | pairs/step | step s | pairs/s | vs padded |")
-    print("|---|---|---|---|---|")
+    print("| layout | pairs/step | step s | pairs/s | vs padded | XLA GFLOP/pair | vs padded (FLOPs) |")
+    print("|---|---|---|---|---|---|---|")
     base = counts["padded"] / t["padded"]
+    base_flops = flops["padded"] / counts["padded"]
     for layout in datasets:
-        rate = counts[layout] / t[layout]
-        print(f"| {layout} | {counts[layout]} | {t[layout]:.3f} | {rate:.1f} | {rate / base:.2f}x |")
+        rate, per_pair = counts[layout] / t[layout], flops[layout] / counts[layout]
+        print(f"| {layout} | {counts[layout]} | {t[layout]:.3f} | {rate:.2f} | {rate / base:.2f}x "
+              f"| {per_pair / 1e9:.2f} | {base_flops / per_pair:.2f}x |")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
