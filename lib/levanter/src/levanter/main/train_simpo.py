@@ -32,7 +32,7 @@ from levanter.callbacks import StepInfo
 from levanter.compat.hf_checkpoints import build_generation_config
 from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.data.text.preference_packing import PrefixSharedPairs
-from levanter.data.text.preference_pairs import build_preference_splits
+from levanter.data.text.preference_pairs import PAIR_LAYOUTS, PairLayout, build_preference_splits
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_packing import pairs_axis, packed_logp_sums_and_counts, prefix_shared_logp_sums_and_counts
@@ -74,6 +74,15 @@ class TrainSimpoConfig:
     use_hf_model_config: bool = False
     initialize_from_checkpoint_path: Optional[str] = None
 
+    pair_layout: PairLayout = "padded"
+    """How pairs fill the sequences: ``padded`` is one pair per chosen/rejected row pair; ``packed`` puts up to
+    ``max_pairs_per_row`` consecutive pairs in each row pair as attention segments; ``shared_prompt`` puts up to
+    ``max_pairs_per_row`` pairs in one row each as ``prompt, chosen, rejected``, the prompt run once. The loss is
+    the same mean over pairs; batch sizes then count rows, not pairs. Packing keeps positions running across the
+    pairs of a row, exact for rotary position embeddings (Llama) but not absolute ones (GPT-2)."""
+    max_pairs_per_row: int = 8
+    """Most pairs in one row of the ``packed`` and ``shared_prompt`` layouts (at least 1); unused by ``padded``."""
+
     validation_split_fraction: float | None = 0.1
     """Hold out this fraction of the training pairs; None uses the data config's validation sets instead."""
 
@@ -104,6 +113,10 @@ def validate_config(config: TrainSimpoConfig) -> None:
         raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 with loss_type='hinge'")
     if not (math.isfinite(config.sft_weight) and config.sft_weight >= 0):
         raise ValueError(f"sft_weight must be a non-negative finite number, got {config.sft_weight}")
+    if config.pair_layout not in PAIR_LAYOUTS:
+        raise ValueError(f"pair_layout must be one of {', '.join(PAIR_LAYOUTS)}, got {config.pair_layout!r}")
+    if config.max_pairs_per_row < 1:
+        raise ValueError(f"max_pairs_per_row must be at least 1, got {config.max_pairs_per_row}")
     fraction = config.validation_split_fraction
     if fraction is not None and not 0 <= fraction < 1:
         raise ValueError(f"validation_split_fraction must be in [0, 1) or null, got {fraction}")
@@ -319,7 +332,10 @@ def main(config: TrainSimpoConfig):
     levanter.trainer.initialize(config)
     optimizer = config.optimizer.build(config.trainer.num_train_steps)
 
-    def loss_function(model: LmHeadModel, example: DpoExample, *, key=None):
+    # the padded layout's DpoExamples hold one pair per row; the others up to max_pairs_per_row
+    pairs_per_row = 1 if config.pair_layout == "padded" else config.max_pairs_per_row
+
+    def loss_function(model: LmHeadModel, example: DpoExample | PrefixSharedPairs, *, key=None):
         return simpo_loss(
             model,
             example,
@@ -328,6 +344,7 @@ def main(config: TrainSimpoConfig):
             loss_type=config.loss_type,
             label_smoothing=config.label_smoothing,
             sft_weight=config.sft_weight,
+            max_pairs_per_row=pairs_per_row,
             key=key,
         )
 
@@ -348,7 +365,12 @@ def main(config: TrainSimpoConfig):
         Vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), parameter_axis_mapping)
 
         splits = build_preference_splits(
-            config.data, Pos, key=data_key, validation_split_fraction=config.validation_split_fraction
+            config.data,
+            Pos,
+            key=data_key,
+            validation_split_fraction=config.validation_split_fraction,
+            layout=config.pair_layout,
+            max_pairs_per_row=pairs_per_row,
         )
         for split, stats in splits.stats.items():
             logger.info(f"Preference data ({split}): {stats.describe()}")
@@ -405,11 +427,13 @@ def main(config: TrainSimpoConfig):
             }
         )
 
-        # a pair is two sequences of Pos tokens, both run forward and backward
+        # an example is two sequences of Pos tokens (one in the shared-prompt layout), run forward and backward
+        sequences = 1 if config.pair_layout == "shared_prompt" else 2
         flops_per_token = config.model.flops_per_token(Vocab.size, Pos.size)
-        flops_per_pair = 2 * 3 * flops_per_token * Pos.size if flops_per_token is not None else None
+        flops_per_example = sequences * 3 * flops_per_token * Pos.size if flops_per_token is not None else None
         trainer.add_hook(
-            callbacks.log_performance_stats(2 * Pos.size, trainer.config.batch_schedule, flops_per_pair), every=1
+            callbacks.log_performance_stats(sequences * Pos.size, trainer.config.batch_schedule, flops_per_example),
+            every=1,
         )
 
         evaluator = None

@@ -90,26 +90,41 @@ class SharedPairLayout:
         return len(self.tokens)
 
 
-def shared_prompt_length(row: ProcessedPreferenceChatDict) -> int:
-    """Tokens both sides start with and that neither trains on: the prompt computed once."""
-    chosen, rejected = np.asarray(row["chosen_input_ids"]), np.asarray(row["rejected_input_ids"])
+def _prompt_length(
+    chosen: np.ndarray, chosen_trained: np.ndarray, rejected: np.ndarray, rejected_trained: np.ndarray
+) -> int:
     n = min(len(chosen), len(rejected))
     differs = np.flatnonzero(chosen[:n] != rejected[:n])
     common = int(differs[0]) if differs.size else n
-    for side in ("chosen", "rejected"):
-        trained = np.flatnonzero(np.asarray(row[f"{side}_assistant_masks"]))
-        if trained.size:
-            common = min(common, int(trained[0]))
+    for trained in (chosen_trained, rejected_trained):
+        first = np.flatnonzero(trained)
+        if first.size:
+            common = min(common, int(first[0]))
     return common
 
 
-def shared_pair_layout(row: ProcessedPreferenceChatDict) -> SharedPairLayout:
-    """``prompt, chosen suffix, rejected suffix`` with positions restarting after the prompt."""
-    p = shared_prompt_length(row)
+def _row_sides(row: ProcessedPreferenceChatDict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    fields = ("input_ids", "assistant_masks")
+    return tuple(  # type: ignore[return-value]
+        np.asarray(row[f"{side}_{field}"]) for side in ("chosen", "rejected") for field in fields
+    )
+
+
+def shared_prompt_length(row: ProcessedPreferenceChatDict) -> int:
+    """Tokens both sides start with and that neither trains on: the prompt computed once."""
+    return _prompt_length(*_row_sides(row))
+
+
+def shared_layout_of_sides(
+    chosen: np.ndarray, chosen_trained: np.ndarray, rejected: np.ndarray, rejected_trained: np.ndarray
+) -> SharedPairLayout:
+    """``prompt, chosen suffix, rejected suffix`` of one pair's two token sequences and trained masks, with
+    positions restarting after the prompt."""
+    chosen, rejected = np.asarray(chosen), np.asarray(rejected)
+    p = _prompt_length(chosen, chosen_trained, rejected, rejected_trained)
     if p == 0:
         # the first rejected token is predicted from the last prompt token; without one there is nothing to share
         raise ValueError("A pair whose two sides share no untrained prefix cannot share its prompt.")
-    chosen, rejected = np.asarray(row["chosen_input_ids"]), np.asarray(row["rejected_input_ids"])
     c_len, r_len = len(chosen) - p, len(rejected) - p
     return SharedPairLayout(
         tokens=np.concatenate([chosen[:p], chosen[p:], rejected[p:]]).astype(np.int32),
@@ -117,11 +132,44 @@ def shared_pair_layout(row: ProcessedPreferenceChatDict) -> SharedPairLayout:
             [np.full(p, PROMPT), np.full(c_len, CHOSEN), np.full(r_len, REJECTED)]
         ).astype(np.int32),
         pos_ids=np.concatenate([np.arange(p), np.arange(p, p + c_len), np.arange(p, p + r_len)]).astype(np.int32),
-        trained=np.concatenate(
-            [np.asarray(row["chosen_assistant_masks"]), np.asarray(row["rejected_assistant_masks"])[p:]]
-        ).astype(np.float32),
+        trained=np.concatenate([np.asarray(chosen_trained), np.asarray(rejected_trained)[p:]]).astype(np.float32),
         prompt_length=p,
     )
+
+
+def shared_pair_layout(row: ProcessedPreferenceChatDict) -> SharedPairLayout:
+    """``shared_layout_of_sides`` of a raw ``preference_chat`` cache row."""
+    return shared_layout_of_sides(*_row_sides(row))
+
+
+def pack_pair_sides(
+    chosen: Sequence[tuple[np.ndarray, np.ndarray]], rejected: Sequence[tuple[np.ndarray, np.ndarray]], Pos: Axis
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One packed row pair from ``(tokens, trained)`` sequences: per side ``(tokens, loss_weight, segment_ids)``.
+
+    Pair ``k`` is segment ``k`` on both sides (-1 on padding); the weight at ``t`` is the trained mask of token
+    ``t + 1`` of the same pair, so a pair's last position never predicts the next pair's first token. Positions
+    are not restarted per pair: with rotary embeddings attention only sees relative offsets, which segment
+    masking keeps within a pair, so the loss is unchanged; absolute position embeddings (GPT-2) see shifted
+    positions for every pair after the first.
+    """
+
+    def side(seqs: Sequence[tuple[np.ndarray, np.ndarray]]):
+        tokens = np.zeros(Pos.size, np.int32)
+        weight = np.zeros(Pos.size, np.float32)
+        segments = np.full(Pos.size, -1, np.int32)
+        start = 0
+        for k, (t, trained) in enumerate(seqs):
+            end = start + len(t)
+            if end > Pos.size:
+                raise ValueError(f"{len(seqs)} packed sequences take more than {Pos.size} tokens")
+            tokens[start:end] = t
+            weight[start : end - 1] = np.asarray(trained[1:], np.float32)
+            segments[start:end] = k
+            start = end
+        return tokens, weight, segments
+
+    return side(chosen), side(rejected)
 
 
 def pack_shared_rows(layouts: Sequence[SharedPairLayout], Pos: Axis) -> dict[str, np.ndarray]:
@@ -158,17 +206,20 @@ def pack_shared_rows(layouts: Sequence[SharedPairLayout], Pos: Axis) -> dict[str
     return out
 
 
-def greedy_pack(lengths: Sequence[int], max_length: int, max_per_row: int) -> list[range]:
-    """Consecutive items per row, a new row when the next would not fit (the order Levanter's packer keeps)."""
+def greedy_pack(lengths: Sequence[int] | Sequence[Sequence[int]], max_length: int, max_per_row: int) -> list[range]:
+    """Consecutive items per row, a new row when the next would not fit (the order Levanter's packer keeps).
+
+    An item's length may be a tuple (chosen and rejected lengths of a packed pair): every component must fit."""
+    sizes = np.asarray(lengths, dtype=np.int64).reshape(len(lengths), -1)
     rows: list[range] = []
-    start, used = 0, 0
-    for i, n in enumerate(lengths):
-        if n > max_length:
-            raise ValueError(f"item {i} has {n} tokens, more than the row length {max_length}")
-        if i > start and (used + n > max_length or i - start >= max_per_row):
+    start, used = 0, np.zeros(sizes.shape[1], np.int64)
+    for i, n in enumerate(sizes):
+        if np.any(n > max_length):
+            raise ValueError(f"item {i} has {n.max()} tokens, more than the row length {max_length}")
+        if i > start and (np.any(used + n > max_length) or i - start >= max_per_row):
             rows.append(range(start, i))
-            start, used = i, 0
-        used += n
+            start, used = i, np.zeros_like(used)
+        used = used + n
     if len(lengths) > start:
         rows.append(range(start, len(lengths)))
     return rows

@@ -15,7 +15,8 @@ Before training, every cached pair is read once (``scan_preference_cache``):
 - token lengths are summarised so the length bias SimPO is meant to remove is visible, logged, and written to
   ``pair_stats.json`` in the cache directory.
 
-``TrainablePairs`` then serves the kept pairs, applying the same cuts, as ``DpoExample``s.
+``TrainablePairs`` then serves the kept pairs, applying the same cuts, as ``DpoExample``s, one pair per row;
+``PackedTrainablePairs`` serves them several per row in the ``packed`` or ``shared_prompt`` layout.
 """
 
 import collections
@@ -23,7 +24,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import equinox as eqx
 import fsspec
@@ -38,6 +39,13 @@ from levanter.data.dataset import AsyncDataset
 from levanter.data.mixture import MixtureDataset
 from levanter.data.text.datasets import BlockShuffleConfig, DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import DpoExample, PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
+from levanter.data.text.preference_packing import (
+    PrefixSharedPairs,
+    greedy_pack,
+    pack_pair_sides,
+    pack_shared_rows,
+    shared_layout_of_sides,
+)
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat, pair_sides
 from levanter.data.text.preference_rows import PreferenceRowError, RowDrop
 from levanter.data.text.preference_truncation import CutPair, PairSide, cut_pair
@@ -50,6 +58,9 @@ logger = logging.getLogger(__name__)
 _SCAN_CHUNK_ROWS = 4096
 STATS_FILE = "pair_stats.json"
 NO_TRAINED_TOKENS = "no_trained_tokens"
+
+PairLayout = Literal["padded", "packed", "shared_prompt"]
+PAIR_LAYOUTS: tuple[str, ...] = ("padded", "packed", "shared_prompt")
 
 
 class PairBuilder:
@@ -369,6 +380,91 @@ class TrainablePairs(AsyncDataset[DpoExample]):
         return examples
 
 
+def _host_rows(fields: dict[str, np.ndarray], Pos: Axis) -> PrefixSharedPairs:
+    rows = PrefixSharedPairs(**{k: hax.named(jax.numpy.asarray(v), Pos) for k, v in fields.items()})
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    return jax.device_put(rows, host)
+
+
+class PackedTrainablePairs(AsyncDataset):
+    """The kept pairs of a cache, cut as ``TrainablePairs`` cuts them, with up to ``max_pairs_per_row``
+    consecutive pairs (in cache order) per row: ``packed`` gives ``DpoExample``s whose chosen and rejected rows
+    hold the pairs as segments (``pack_pair_sides``), ``shared_prompt`` gives ``PrefixSharedPairs`` rows of
+    ``prompt, chosen, rejected`` (``shared_layout_of_sides``). Rows are planned once, from every kept pair's
+    lengths, with ``greedy_pack``."""
+
+    def __init__(
+        self, cache: TreeCache[dict], rows: np.ndarray, builder: PairBuilder, layout: PairLayout, max_pairs_per_row: int
+    ):
+        if layout not in ("packed", "shared_prompt"):
+            raise ValueError(f"PackedTrainablePairs builds the packed and shared_prompt layouts, not {layout!r}")
+        if max_pairs_per_row < 1:
+            raise ValueError(f"max_pairs_per_row must be at least 1, got {max_pairs_per_row}")
+        self.cache, self.rows, self.builder = cache, rows, builder
+        self.layout, self.max_pairs_per_row = layout, max_pairs_per_row
+        lengths: list = []
+        for start in range(0, len(rows), _SCAN_CHUNK_ROWS):
+            chunk = [int(r) for r in rows[start : start + _SCAN_CHUNK_ROWS]]
+            for index, row in zip(chunk, cache.get_batch_sync(chunk)):
+                pair = builder.build(row)
+                if layout == "packed":
+                    lengths.append((len(pair.chosen.tokens), len(pair.rejected.tokens)))
+                    continue
+                n = len(self._shared(pair))
+                if n > builder.Pos.size:
+                    # the pair's cut bounds each side by the sequence length, not prompt + both completions
+                    raise ValueError(
+                        f"cache row {index} takes {n} tokens as prompt, chosen, rejected, more than the sequence "
+                        f"length {builder.Pos.size}; with pair_layout shared_prompt set train_seq_len (and the model's "
+                        "max_seq_len) above the data format's max_length"
+                    )
+                lengths.append(n)
+        self._packed = greedy_pack(lengths, builder.Pos.size, max_pairs_per_row)
+
+    @staticmethod
+    def _shared(pair: CutPair):
+        chosen, rejected = pair.chosen, pair.rejected
+        return shared_layout_of_sides(chosen.tokens, chosen.trained, rejected.tokens, rejected.trained)
+
+    async def async_len(self) -> int:
+        return len(self._packed)
+
+    def is_finite(self) -> bool:
+        return True
+
+    async def get_batch(self, indices: Sequence[int]):
+        Pos = self.builder.Pos
+        wanted = [self._packed[i] for i in indices]
+        cached = await self.cache.get_batch([int(self.rows[j]) for r in wanted for j in r])
+        pairs = [self.builder.build(row) for row in cached]
+        out, start = [], 0
+        for r in wanted:
+            group, start = pairs[start : start + len(r)], start + len(r)
+            if self.layout == "packed":
+                chosen, rejected = pack_pair_sides(
+                    [(p.chosen.tokens, p.chosen.trained) for p in group],
+                    [(p.rejected.tokens, p.rejected.trained) for p in group],
+                    Pos,
+                )
+                out.append(_dpo_example(Pos, chosen, rejected))
+            else:
+                out.append(_host_rows(pack_shared_rows([self._shared(p) for p in group], Pos), Pos))
+        return out
+
+
+def pair_rows(
+    cache: TreeCache[dict],
+    rows: np.ndarray,
+    builder: PairBuilder,
+    layout: PairLayout = "padded",
+    max_pairs_per_row: int = 1,
+) -> AsyncDataset:
+    """The dataset of training rows for a layout: one pair per row (``TrainablePairs``) or packed rows."""
+    if layout == "padded":
+        return TrainablePairs(cache, rows, builder)
+    return PackedTrainablePairs(cache, rows, builder, layout, max_pairs_per_row)
+
+
 def _first_undecodable_line(config: PreferenceLmDataConfig, split: str) -> tuple[str, int] | None:
     """The first JSON-lines source line of ``split`` that is not UTF-8, as (file, 0-based line)."""
     for component in config.components.values():
@@ -442,8 +538,8 @@ def _shuffled(dataset: AsyncDataset[DpoExample], config: PreferenceLmDataConfig,
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceSplits:
-    train: AsyncDataset[DpoExample]
-    validation: dict[str, AsyncDataset[DpoExample]]
+    train: AsyncDataset[DpoExample | PrefixSharedPairs]
+    validation: dict[str, AsyncDataset[DpoExample | PrefixSharedPairs]]
     stats: dict[str, PreferencePairStats]
 
 
@@ -453,9 +549,14 @@ def build_preference_splits(
     *,
     key: PRNGKeyArray,
     validation_split_fraction: float | None,
+    layout: PairLayout = "padded",
+    max_pairs_per_row: int = 1,
 ) -> PreferenceSplits:
     """Training pairs (shuffled) and held-out pairs, either split off the end of the training pairs or taken
-    from the configured validation sets when ``validation_split_fraction`` is None."""
+    from the configured validation sets when ``validation_split_fraction`` is None.
+
+    With the ``packed`` or ``shared_prompt`` layout both are rows of up to ``max_pairs_per_row`` consecutive kept
+    pairs (``PackedTrainablePairs``); the training rows, not the pairs, are shuffled."""
     tokenizer = config.the_tokenizer
     name, component = _training_component(config)
     builder = PairBuilder(cast(PreferenceChatLmDatasetFormat, component.format), Pos, tokenizer)
@@ -466,11 +567,11 @@ def build_preference_splits(
     stats = {"train": scan.stats}
     kept = scan.kept
 
-    validation: dict[str, AsyncDataset[DpoExample]] = {}
+    validation: dict[str, AsyncDataset] = {}
     if validation_split_fraction is not None:
         held_out = num_validation_pairs(len(kept), validation_split_fraction)
         if held_out:
-            validation[name] = TrainablePairs(train_cache, kept[-held_out:], builder)
+            validation[name] = pair_rows(train_cache, kept[-held_out:], builder, layout, max_pairs_per_row)
             kept = kept[:-held_out]
             logger.info(f"Holding out the last {held_out} of {scan.stats.pairs} training pairs for validation.")
     else:
@@ -479,10 +580,10 @@ def build_preference_splits(
             val_builder = PairBuilder(val_format, Pos, tokenizer)
             val_scan = scan_preference_cache(val_cache, val_builder, split=f"validation {val_name}")
             stats[f"validation/{val_name}"] = val_scan.stats
-            validation[val_name] = TrainablePairs(val_cache, val_scan.kept, val_builder)
+            validation[val_name] = pair_rows(val_cache, val_scan.kept, val_builder, layout, max_pairs_per_row)
 
     shuffle_key, mix_key = jrandom.split(key)
-    pairs = TrainablePairs(train_cache, kept, builder)
+    pairs = pair_rows(train_cache, kept, builder, layout, max_pairs_per_row)
     train = MixtureDataset(
         datasets={name: _shuffled(pairs, config, shuffle_key)},
         weights={name: 1.0},
@@ -490,4 +591,4 @@ def build_preference_splits(
         key=mix_key,
         stop_strategy=config.stop_strategy,
     )
-    return PreferenceSplits(train=cast(AsyncDataset[DpoExample], train), validation=validation, stats=stats)
+    return PreferenceSplits(train=cast(AsyncDataset, train), validation=validation, stats=stats)
