@@ -191,3 +191,16 @@ def test_pairs_without_trained_tokens_are_left_out_and_counted(model):
     assert float(loss) == pytest.approx(float(kept), rel=1e-5)
     assert float(metrics["rewards/accuracies"]) == pytest.approx(float(kept_metrics["rewards/accuracies"]))
     assert float(metrics["simpo_skipped_pairs"]) == 1.0
+
+
+def test_empty_pair_slots_are_left_out_silently(model):
+    # row 1 has no trained token on either side: an eval padding pair or an unused slot of a packed row
+    chosen = _batched_example(prompt_lengths=[3, 7, 1], lengths=[9, 7, 6], seed=1)
+    rejected = _batched_example(prompt_lengths=[3, 7, 1], lengths=[12, 7, 15], seed=2)
+    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), beta=2.0, gamma_beta_ratio=0.5)
+
+    avg_c = _numpy_average_logp(model, chosen)[0][[0, 2]]
+    avg_r = _numpy_average_logp(model, rejected)[0][[0, 2]]
+    kept, _ = simpo_loss_from_logps(avg_c, avg_r, beta=2.0, gamma_beta_ratio=0.5)
+    assert float(loss) == pytest.approx(float(kept), rel=1e-5)
+    assert float(metrics["simpo_skipped_pairs"]) == 0.0

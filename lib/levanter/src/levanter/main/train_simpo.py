@@ -254,8 +254,10 @@ def simpo_loss(
     else:
         logp_sum, count = _completion_logp_sum_and_count(model, _stack_sides(example), key=key)
     avg = _mean_or_zero(logp_sum, count)
-    # a side with no trained token (the loader's padding pairs at the end of an eval set) has no average
+    # a side with no trained token has no average; empty slots (the loader's padding pairs at the end of an eval
+    # set, unused pair slots of packed rows) have none on either side and are not pairs at all
     trainable = hax.all(count > 0, axis=Side).array
+    half_empty = hax.any(count > 0, axis=Side).array & ~trainable
     loss, metrics = simpo_loss_from_logps(
         avg[Side, 0],
         avg[Side, 1],
@@ -265,7 +267,7 @@ def simpo_loss(
         label_smoothing=label_smoothing,
         pair_weight=trainable,
     )
-    metrics["simpo_skipped_pairs"] = Metric.from_value(jnp.sum(~trainable).astype(jnp.float32), ReductionType.SUM)
+    metrics["simpo_skipped_pairs"] = Metric.from_value(jnp.sum(half_empty).astype(jnp.float32), ReductionType.SUM)
     if sft_weight > 0:
         # the reference trainer's SFT term: cross-entropy averaged over all chosen tokens, not per pair
         chosen_tokens = hax.sum(count[Side, 0]).array
