@@ -2,61 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """The shipped tiny config through the real Trainer: checkpoints, HF export, falling loss, and resume."""
 
-import json
-import logging
 import math
 import os
-from pathlib import Path
 
-import draccus
 import pytest
-
-from levanter.main import train_simpo
-from levanter.main.train_simpo import TrainSimpoConfig
-
-REPO = Path(__file__).resolve().parents[3]
-TINY_CONFIG = REPO / "lib/levanter/config/simpo_tiny_gpt2.yaml"
-
-
-def tiny_config(tmp: Path, *overrides: str) -> TrainSimpoConfig:
-    """The embedded default, shrunk for a test and writing everything under ``tmp``."""
-    args = [
-        "--data.cache_dir",
-        str(tmp / "cache"),
-        "--trainer.train_batch_size",
-        "8",
-        "--trainer.steps_per_eval",
-        "4",
-        "--trainer.max_eval_batches",
-        "2",
-        "--trainer.checkpointer.base_path",
-        str(tmp / "checkpoints"),
-        "--trainer.checkpointer.keep",
-        '[{"every": 4}]',
-        "--trainer.tracker",
-        '{"type": "json_logger"}',
-        "--hf_save_path",
-        str(tmp / "hf"),
-        *overrides,
-    ]
-    return draccus.parse(TrainSimpoConfig, config_path=str(TINY_CONFIG), args=args)
-
-
-class TrackedMetrics(logging.Handler):
-    """Collects what the json_logger tracker logs, merged per step (Levanter resets the root logging handlers,
-    so pytest's caplog does not see these records)."""
-
-    def __init__(self):
-        super().__init__(level=logging.INFO)
-        self.by_step: dict[int, dict[str, float]] = {}
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-        if record.name == "levanter.json_logger":
-            event = json.loads(record.getMessage())
-            if event.get("event") == "log":
-                self.by_step.setdefault(event["step"], {}).update(event["metrics"])
+from simpo_tiny_run import REPO, run, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +16,6 @@ def repo_cwd():
     os.chdir(REPO)
     yield
     os.chdir(cwd)
-
-
-def run(config: TrainSimpoConfig) -> TrackedMetrics:
-    tracked = TrackedMetrics()
-    loggers = [logging.getLogger("levanter.json_logger"), logging.getLogger(train_simpo.__name__)]
-    for log in loggers:
-        log.addHandler(tracked)
-    try:
-        train_simpo.main(config)
-    finally:
-        for log in loggers:
-            log.removeHandler(tracked)
-    return tracked
 
 
 def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
