@@ -31,6 +31,7 @@ import yaml
 
 import levanter.checkpoint
 from levanter.main import train_simpo
+from levanter.main.simpo_guard import NonFiniteTrainingError
 from levanter.main.train_simpo import TrainSimpoConfig
 
 REPO = Path(__file__).resolve().parents[3]
@@ -178,8 +179,8 @@ def child_log_tail(tmp: Path) -> str:
 
 
 def collect_child(tmp: Path, child: subprocess.Popen, out: Path, timeout: float = 600) -> dict:
-    """Waits for a child from ``start_child`` and returns, per run name, ``{"steps": {step: metrics}, "devices",
-    "mesh", "param_mapping"}``."""
+    """Waits for a child from ``start_child`` and returns, per run name, ``{"steps": {step: metrics}, "error" (the
+    message of a NonFiniteTrainingError that ended the run, or None), "devices", "mesh", "param_mapping"}``."""
     try:
         child.wait(timeout=timeout)
     finally:
@@ -225,6 +226,8 @@ class SingleDeviceRuns:
     resumed: dict[int, dict]
     """The same command run again after the kill."""
     resumed_log: str
+    diverged_error: str | None
+    """What stopped a run whose learning rate of 1e30 makes step 1 non-finite."""
 
 
 def _kill_after_checkpoint(tmp: Path, child: subprocess.Popen, out: Path, checkpoint: Path, timeout: float = 600):
@@ -243,7 +246,8 @@ def _kill_after_checkpoint(tmp: Path, child: subprocess.Popen, out: Path, checkp
 @functools.cache
 def single_device_runs(base: Path) -> SingleDeviceRuns:
     """The single-device runs the tests of a session compare (``base`` is its base temporary directory), in two
-    child processes: the first is killed, the second resumes its run and then makes the uninterrupted one."""
+    child processes: the first is killed; the second resumes its run, then makes the uninterrupted one and one
+    that diverges."""
     tmp = base / "simpo_tiny_single_device"
     tmp.mkdir()
     shared = shared_setup(base)
@@ -254,7 +258,12 @@ def single_device_runs(base: Path) -> SingleDeviceRuns:
     _kill_after_checkpoint(tmp, child, out, checkpoints / f"step-{SAVE_EVERY}")
     killed = {int(s): m for s, m in json.loads(out.read_text())["frozen"].items()}
     checkpoints_at_kill = sorted(p.name for p in checkpoints.iterdir())
-    runs = [{"name": "resumed", "overrides": preempted}, {"name": "reference", "overrides": run_overrides("reference")}]
+    diverging = run_overrides("diverged", "--optimizer.learning_rate", "1e30", "--optimizer.warmup", "0")
+    runs = [
+        {"name": "resumed", "overrides": preempted},
+        {"name": "reference", "overrides": run_overrides("reference")},
+        {"name": "diverged", "overrides": diverging},
+    ]
     results = run_in_child(tmp, shared, runs)
     return SingleDeviceRuns(
         tmp=tmp,
@@ -263,6 +272,7 @@ def single_device_runs(base: Path) -> SingleDeviceRuns:
         checkpoints_at_kill=checkpoints_at_kill,
         resumed=results["resumed"]["steps"],
         resumed_log=(tmp / "child.log").read_text(),
+        diverged_error=results["diverged"]["error"],
     )
 
 
@@ -284,9 +294,14 @@ def _child(spec_path: str):
     for entry in spec["runs"]:
         tracked = TrackedMetrics(entry.get("freeze_at_step"), out)
         config = tiny_config(Path(spec["tmp"]), *entry["overrides"], config_path=Path(spec["config"]))
-        run(config, tracked)
+        error = None
+        try:
+            run(config, tracked)
+        except NonFiniteTrainingError as e:
+            error = str(e)
         results[entry["name"]] = {
             "steps": tracked.by_step,
+            "error": error,
             "devices": jax.device_count(),
             "mesh": dict(config.trainer.device_mesh.shape),
             "param_mapping": dict(config.trainer.parameter_axis_mapping),

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from simpo_pairs import random_pairs
+from simpo_tiny_run import single_device_runs
 
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.preference import DpoExample
@@ -105,6 +106,15 @@ def test_guard_names_the_step_and_pairs_of_a_non_finite_step(tmp_path):
     for error in errors.values():
         assert error.step == 2 and error.pairs == range(8, 12)
         assert str(error).startswith("SimPO training step 2: ")
-        assert "The batch is pairs 8..11 of the shuffled training stream" in str(error)
+        assert "The batch is pairs 8..11 of the training stream, in the order" in str(error)
     assert "loss is NaN" in str(errors[NAN_LOSS]) and str(errors[NAN_LOSS].__cause__) == "Loss is NaN"
     assert "the gradients are not finite although the loss is " in str(errors[NAN_GRADIENT])
+
+
+def test_a_diverging_run_stops_with_the_step_and_its_pairs(tmp_path_factory):
+    # The learning rate of 1e30 leaves step 0 finite and makes every parameter about 1e30 for step 1.
+    runs = single_device_runs(tmp_path_factory.getbasetemp())
+    assert runs.diverged_error is not None
+    print(runs.diverged_error)
+    assert runs.diverged_error.startswith("SimPO training step 1: ")
+    assert "The batch is pairs 8..15 of the training stream, in the order" in runs.diverged_error

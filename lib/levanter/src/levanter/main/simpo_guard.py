@@ -61,11 +61,13 @@ class NonFiniteGuard(JitCallback):
         return range(start, start + self._schedule.batch_size_at_step(step))
 
     def report(self, what: str, step: int) -> NonFiniteTrainingError:
+        """Logs and returns the error to raise for ``step``."""
         pairs = self.pairs_of_step(step)
         message = (
-            f"SimPO training step {step}: {what}. The batch is pairs {pairs.start}..{pairs.stop - 1} of the shuffled "
-            f"training stream (the same pairs for the same data seed and batch size)."
+            f"SimPO training step {step}: {what}. The batch is pairs {pairs.start}..{pairs.stop - 1} of the training "
+            "stream, in the order the data loader reads them (the same for the same data seed and batch schedule)."
         )
+        logger.error(message)
         return NonFiniteTrainingError(message, step=step, pairs=pairs)
 
     def inside_step(self, state, inside_info: InsideJitInfo) -> jnp.ndarray:
@@ -74,10 +76,11 @@ class NonFiniteGuard(JitCallback):
     def on_step(self, step_info: StepInfo, grads_finite: jnp.ndarray):
         if not bool(grads_finite):
             # by now Levanter's own hooks, the checkpointer included, have seen the parameters these gradients made
+            step = step_info.step
             raise self.report(
-                "the gradients are not finite although the loss is "
-                f"{step_info.loss}; the parameters after this step are unusable",
-                step_info.step,
+                f"the gradients are not finite although the loss is {step_info.loss}; the parameters they updated are "
+                f"not, so do not resume from a checkpoint step-{step} if one was written",
+                step,
             )
 
     @contextlib.contextmanager
@@ -89,6 +92,4 @@ class NonFiniteGuard(JitCallback):
             what = _LEVANTER_LOSS_ERRORS.get(str(e))
             if what is None or self._step is None:
                 raise
-            error = self.report(what, self._step)
-            logger.error(str(error))
-            raise error from e
+            raise self.report(what, self._step) from e
