@@ -44,8 +44,9 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     tmp = tmp_path_factory.mktemp("meshes")
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
-    # The four-device child has its own data and compilation caches, so that it runs while the single-device
-    # runs are made (each child mostly keeps one core busy).
+    # The four-device child has its own data and compilation caches, so that it can run while the single-device
+    # runs are made (each child mostly keeps one core busy). This module sorts before the other users of
+    # single_device_runs, so in a full test run the two overlap.
     own_caches = ["--data.cache_dir", str(tmp / "cache"), "--trainer.jax_compilation_cache_dir", str(tmp / "jax")]
     child, out = start_child(
         tmp,
