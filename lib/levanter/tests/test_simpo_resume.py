@@ -28,9 +28,19 @@ def test_resumed_losses_equal_the_uninterrupted_run_bitwise(runs):
     resumed = train_losses(runs.resumed)
     assert sorted(reference) == list(range(STEPS))
     assert sorted(resumed) == list(range(RESUMES_AT, STEPS))
-    # the same batches in the same order before the kill, for the redone steps and for the rest
     assert killed == {s: reference[s] for s in killed}
     assert resumed == {s: reference[s] for s in resumed}
+
+
+def test_resumed_run_sees_the_same_batches(runs):
+    # every per-pair mean (log-probs, rewards, accuracies) of every step equal: the same pairs in the same order
+    def train_metrics(by_step, step):
+        return {k: v for k, v in by_step[step].items() if k.startswith("train/")}
+
+    for step in range(RESUMES_AT, STEPS):
+        assert train_metrics(runs.resumed, step) == train_metrics(runs.reference, step)
+    for step in range(FREEZE_AT):  # the freeze came with step FREEZE_AT's loss, before its other metrics
+        assert train_metrics(runs.killed, step) == train_metrics(runs.reference, step)
 
 
 def test_resumed_final_parameters_equal_the_uninterrupted_run_bitwise(runs):
