@@ -18,7 +18,7 @@ from haliax.partitioning import ResourceAxis
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
-from levanter.data.text.preference_pairs import num_validation_pairs
+from levanter.data.text.preference_splits import num_validation_pairs
 from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.models.lm_model import LmConfig
 from levanter.optim.config import AdamConfig

@@ -37,13 +37,11 @@ from haliax import Axis  # noqa: E402
 
 from levanter.callbacks.watch import WatchConfig  # noqa: E402
 from levanter.checkpoint import CheckpointerConfig  # noqa: E402
-from levanter.data.text.preference import DpoExample, PreferenceChatLmDatasetFormat  # noqa: E402
-from levanter.data.text.preference_packing import (  # noqa: E402
-    PrefixSharedPairDataset,
-    packed_pair_dataset,
-    padding_report,
-)
+from levanter.data.text.preference import DpoExample  # noqa: E402
+from levanter.data.text.preference_cache import CachedPairs  # noqa: E402
+from levanter.data.text.preference_pair_build import PAIR_INFO, cache_exemplar  # noqa: E402
 from levanter.dpo import DpoModel, dpo_loss  # noqa: E402
+from levanter.main.simpo_layouts import PairLayout, pair_layout  # noqa: E402
 from levanter.main.train_simpo import simpo_loss  # noqa: E402
 from levanter.models.llama import LlamaConfig  # noqa: E402
 from levanter.models.lm_model import LmExample  # noqa: E402
@@ -66,10 +64,6 @@ VARIANTS = ("lm", "simpo", "dpo")
 # that chosen runs longer). Log-normal with these means; the table prints the sampled means.
 UF_MEANS = {"prompt": 170, "chosen": 330, "rejected": 280}
 UF_SIGMA = {"prompt": 0.9, "chosen": 0.7, "rejected": 0.75}
-EXEMPLAR = {
-    k: np.zeros((0,), dtype=np.int32)
-    for k in ("chosen_input_ids", "chosen_assistant_masks", "rejected_input_ids", "rejected_assistant_masks")
-}
 
 
 def model_config(size: str, seq_len: int) -> LlamaConfig:
@@ -129,11 +123,9 @@ def as_lm_batch(pairs: DpoExample) -> LmExample:
     )
 
 
-def simpo_fn(max_pairs_per_row: int = 1):
+def simpo_fn(layout: PairLayout = pair_layout("padded", 1)):
     def loss(model, example, *, key=None):
-        return simpo_loss(
-            model, example, beta=2.0, gamma_beta_ratio=0.5, max_pairs_per_row=max_pairs_per_row, key=key
-        )
+        return simpo_loss(model, example, layout=layout, beta=2.0, gamma_beta_ratio=0.5, key=key)
 
     return loss
 
@@ -274,24 +266,30 @@ def ultrafeedback_like(n: int, seq_len: int, scale: float, seed: int = 0) -> lis
     return rows
 
 
-def write_cache(rows: list[dict]):
+def write_cache(rows: list[dict]) -> CachedPairs:
+    """The rows as a SimPO pair cache (what the cache builder writes for pairs that need no cut)."""
+
+    def info(row: dict) -> np.ndarray:
+        prompt = int(np.argmax(row["chosen_assistant_masks"]))
+        values = {
+            "prompt_length": prompt,
+            "chosen_length": len(row["chosen_input_ids"]),
+            "rejected_length": len(row["rejected_input_ids"]),
+            "chosen_trained": int(row["chosen_assistant_masks"].sum()),
+            "rejected_trained": int(row["rejected_assistant_masks"].sum()),
+        }
+        return np.array([values.get(k, 0) for k in PAIR_INFO], np.int32)
+
+    records = [{**row, "pair_info": info(row), "error": np.zeros((0,), np.uint8)} for row in rows]
     path = tempfile.mkdtemp(prefix="bench_simpo_pairs")
-    with SerialCacheWriter(path, EXEMPLAR) as writer:
-        writer.write_batch(rows)
-    return writer.result()
+    with SerialCacheWriter(path, cache_exemplar()) as writer:
+        writer.write_batch(records)
+    return CachedPairs(writer.result(), np.stack([r["pair_info"] for r in records]), "bench")
 
 
 def stacked(items: list) -> object:
     Batch = Axis("batch", len(items))
     return jax.tree.map(lambda *xs: hax.stack(Batch, xs), *items, is_leaf=lambda x: isinstance(x, hax.NamedArray))
-
-
-def pairs_in(batch, layout: str) -> int:
-    if layout == "shared":
-        ids = np.asarray(batch.pair_ids.array)
-        return int(sum(len(np.unique(row[row >= 0])) for row in ids))
-    seg = np.asarray(batch.chosen.attn_mask.segment_ids[0].array)
-    return int(sum(len(np.unique(row[row >= 0])) for row in seg))
 
 
 def main() -> None:
@@ -355,8 +353,7 @@ def main() -> None:
     print("\n## Real tokens on UltraFeedback-like lengths (Levanter's stack vs packed pairs vs shared prompt)\n")
     full_len, n_pairs = (512, 200) if args.quick else (2048, 2000)
     rows = ultrafeedback_like(n_pairs, full_len, scale=1.0)
-    cache = write_cache(rows)
-    fmt = PreferenceChatLmDatasetFormat()
+    pairs_cache = write_cache(rows)
     Pos = Axis("position", full_len)
     prompt_mean = np.mean([np.argmax(r["chosen_assistant_masks"]) for r in rows])
     print(f"{n_pairs} synthetic pairs at seq_len {full_len}: mean prompt {prompt_mean:.0f}, chosen "
@@ -364,11 +361,16 @@ def main() -> None:
           f"{np.mean([r['rejected_assistant_masks'].sum() for r in rows]):.0f} tokens\n")
     print("| layout | rows of seq_len | real-token fraction | padding fraction |")
     print("|---|---|---|---|")
-    for layout, k in (("padded", 1), ("packed", 8), ("shared", 8)):
-        rep = padding_report(fmt, cache, Pos, layout, max_pairs_per_row=k)
-        name = {"padded": "Levanter (each side padded)", "packed": f"packed, <= {k} pairs/row",
-                "shared": f"shared prompt + packed, <= {k} pairs/row"}[layout]
-        print(f"| {name} | {rep.rows} | {rep.real_fraction:.3f} | {1 - rep.real_fraction:.3f} |", flush=True)
+    lengths = {c: pairs_cache.column(c) for c in ("prompt_length", "chosen_length", "rejected_length")}
+    both_sides = int(lengths["chosen_length"].sum() + lengths["rejected_length"].sum())
+    for name, k in (("padded", 1), ("packed", 8), ("shared_prompt", 8)):
+        layout = pair_layout(name, k)
+        n_rows = len(layout.rows(pairs_cache, Pos).pairs_per_row) * layout.sequences_per_row
+        real = both_sides - (int(lengths["prompt_length"].sum()) if name == "shared_prompt" else 0)
+        fraction = real / (n_rows * Pos.size)
+        label = {"padded": "Levanter (each side padded)", "packed": f"packed, <= {k} pairs/row",
+                 "shared_prompt": f"shared prompt + packed, <= {k} pairs/row"}[name]
+        print(f"| {label} | {n_rows} | {fraction:.3f} | {1 - fraction:.3f} |", flush=True)
 
     print("\n## Pairs/s by layout on UltraFeedback-like lengths (same rows x seq_len per step)\n")
     size = sizes[-1] if args.quick else "small"
@@ -379,18 +381,19 @@ def main() -> None:
     LPos = Axis("position", lay_len)
     k = 8
     datasets = {
-        "padded": (packed_pair_dataset(fmt, LPos, small_cache, max_pairs_per_row=1), 1, lay_rows),
-        "packed": (packed_pair_dataset(fmt, LPos, small_cache, max_pairs_per_row=k), k, lay_rows),
+        "padded": (pair_layout("padded", 1), lay_rows),
+        "packed": (pair_layout("packed", k), lay_rows),
         # one shared row holds both sides, so it gets twice the rows: the same positions per step
-        "shared": (PrefixSharedPairDataset(small_cache, LPos, max_pairs_per_row=k), k, 2 * lay_rows),
+        "shared": (pair_layout("shared_prompt", k), 2 * lay_rows),
     }
     steppers, counts, flops = {}, {}, {}
-    for layout, (ds, kk, n) in datasets.items():
-        sync = ds.as_sync_dataset()
-        batch = stacked(sync.get_batch(list(range(n))))
-        counts[layout] = pairs_in(batch, layout)
-        steppers[layout] = Stepper("simpo", size, lay_len, batch, n, loss=simpo_fn(kk))
-        flops[layout] = loss_grad_flops(steppers[layout].state.model, lambda m, b, kk=kk: simpo_fn(kk)(m, b)[0], batch)
+    for name, (layout, n) in datasets.items():
+        rows_of = layout.rows(small_cache, LPos)
+        batch = stacked(rows_of.dataset.as_sync_dataset().get_batch(list(range(n))))
+        counts[name] = int(rows_of.pairs_per_row[:n].sum())
+        loss = simpo_fn(layout)
+        steppers[name] = Stepper("simpo", size, lay_len, batch, n, loss=loss)
+        flops[name] = loss_grad_flops(steppers[name].state.model, lambda m, b, loss=loss: loss(m, b)[0], batch)
     t = interleaved_medians(steppers, repeats)
     print(f"model {size}, seq_len {lay_len}, lengths scaled by {scale:.2f}, {lay_rows * 2} sequences per step, "
           f"load {os.getloadavg()[0]:.1f}\n")

@@ -1,14 +1,18 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
 """Random preference-pair batches for loss-level tests: random tokens, a prompt shared by both sides, and
-completions of different lengths, masked the way the preference stack masks them."""
+completions of different lengths, masked and segmented the way ``PreferencePairDataset`` serves one pair a row
+(the ``padded`` layout, ``PADDED``)."""
 
 import haliax as hax
 import jax.numpy as jnp
 import numpy as np
 
 from levanter.data.text.preference import DpoExample
+from levanter.main.simpo_layouts import pair_layout
 from levanter.models.lm_model import LmExample
+
+PADDED = pair_layout("padded", 1)
 
 
 def _side(rng, Batch: hax.Axis, Pos: hax.Axis, high: int, prompts, first_token: int | None) -> LmExample:
@@ -16,13 +20,18 @@ def _side(rng, Batch: hax.Axis, Pos: hax.Axis, high: int, prompts, first_token: 
     if first_token is not None:
         tokens[0, 0] = first_token
     mask = np.zeros((Batch.size, Pos.size), np.float32)
+    segments = np.full((Batch.size, Pos.size), -1, np.int32)
     for i, prompt in enumerate(prompts):
         end = rng.integers(prompt + 2, Pos.size + 1)
         tokens[i, end:] = 0
         mask[i, prompt:end] = 1
+        segments[i, :end] = i  # as Levanter's PreferencePairDataset: the pair's index on its tokens
     tokens_n = hax.named(jnp.asarray(tokens), (Batch, Pos))
     weight = hax.roll(hax.named(jnp.asarray(mask), (Batch, Pos)), -1, Pos)  # weight t scores token t+1
-    return hax.vmap(lambda t, w: LmExample.causal(t, loss_weight=w), Batch)(tokens_n, weight)
+    segments_n = hax.named(jnp.asarray(segments), (Batch, Pos))
+    return hax.vmap(lambda t, w, s: LmExample.causal(t, loss_weight=w, segment_ids=s), Batch)(
+        tokens_n, weight, segments_n
+    )
 
 
 def random_pairs(

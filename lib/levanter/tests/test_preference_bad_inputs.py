@@ -9,12 +9,15 @@ import math
 from pathlib import Path
 
 import draccus
+import numpy as np
 import pytest
 from haliax import Axis
 from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_style_tokenizer, preference_row
 
-from levanter.data.text.preference_pairs import PairBuilder, num_validation_pairs, scan_preference_rows
+from preference_build import build_and_check
+
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.text.preference_splits import held_out_rows, num_validation_pairs
 from levanter.data.text.preference_rows import PreferenceRowError
 from levanter.main import train_simpo
 from levanter.main.train_simpo import TrainSimpoConfig, validate_config
@@ -30,9 +33,8 @@ def tokenizer(tmp_path_factory):
 
 
 def scan(tokenizer, rows, **format_settings):
-    fmt = PromptCompletionPreferenceFormat(**format_settings)
-    cached = fmt.build_preprocessor(tokenizer)(rows)
-    return scan_preference_rows(enumerate(cached), PairBuilder(fmt, Pos, tokenizer), split="train")
+    format_settings.setdefault("max_length", Pos.size)
+    return build_and_check(tokenizer, rows, **format_settings)
 
 
 def broken(edit) -> dict:
@@ -113,7 +115,7 @@ def test_useless_rows_are_dropped_and_counted(tokenizer, case):
     result = scan(tokenizer, [GOOD, bad, GOOD])
     assert result.stats.pairs == 2 and result.stats.rows == 3
     assert result.stats.dropped == dropped_counts(**{reason: 1})
-    assert result.dropped_rows[reason] == [1]
+    assert result.rows_dropped_for(reason) == [1]
     assert result.kept.tolist() == [0, 2]
 
 
@@ -130,10 +132,12 @@ def test_a_completion_cut_to_no_trained_token_is_dropped(tokenizer):
     long_prompt = preference_row(" ".join(["red"] * 40), "blue .", "red .", prompt_id="long")
     result = scan(tokenizer, [GOOD, long_prompt], completion_tokens="generation", max_length=24, max_prompt_length=21)
     assert result.stats.dropped == dropped_counts(no_trained_tokens=1)
-    assert result.dropped_rows["no_trained_tokens"] == [1]
-    # under the reference's |y| the header is trained, so the same pair keeps three tokens per side
-    kept = scan(tokenizer, [GOOD, long_prompt], max_length=24, max_prompt_length=21)
-    assert kept.stats.pairs == 2 and kept.stats.chosen_tokens.max == 8
+    assert result.rows_dropped_for("no_trained_tokens") == [1]
+    # under the reference's |y| the header is trained, so three tokens per side remain: the same three on both
+    # sides, which would train with zero gradient (the reference trainer keeps such pairs)
+    header_only = scan(tokenizer, [GOOD, long_prompt], max_length=24, max_prompt_length=21)
+    assert header_only.rows_dropped_for("identical_after_cut") == [1]
+    assert header_only.stats.pairs == 1
 
 
 def test_a_tokenizer_without_a_chat_template(tmp_path):
@@ -195,25 +199,38 @@ def test_impossible_budgets(settings, message):
         PromptCompletionPreferenceFormat(**settings)
 
 
-def test_budgets_longer_than_the_training_sequence(tokenizer):
-    with pytest.raises(ValueError, match="max_length 128 is longer than the training sequence length 64"):
-        PairBuilder(PromptCompletionPreferenceFormat(max_length=128), Pos, tokenizer)
+def test_a_prompt_budget_must_leave_the_completions_a_token():
     with pytest.raises(ValueError, match=r"max_prompt_length must be in \[1, max_length\)"):
-        PairBuilder(PromptCompletionPreferenceFormat(max_prompt_length=64), Pos, tokenizer)
+        PromptCompletionPreferenceFormat(max_length=64, max_prompt_length=64)
 
 
 def test_no_pair_reaches_the_loss_without_trained_tokens(tokenizer):
     rows = [GOOD, *(broken(_set([side, 1, "content"], content)) for side, content, _ in DROPPED.values())]
     rows.append(preference_row(" ".join(["red"] * 40), "blue .", "red .", prompt_id="long"))
-    fmt = PromptCompletionPreferenceFormat(completion_tokens="generation", max_length=24, max_prompt_length=21)
-    cached = fmt.build_preprocessor(tokenizer)(rows)
-    builder = PairBuilder(fmt, Pos, tokenizer)
-    result = scan_preference_rows(enumerate(cached), builder, split="train")
+    result = scan(tokenizer, rows, completion_tokens="generation", max_length=24, max_prompt_length=21)
     assert result.kept.tolist() == [0]
-    for index in result.kept:
-        pair = builder.build(cached[index])
-        # every average log-prob is over at least one token: the loss never divides by zero
-        assert min(pair.chosen.trained.sum(), pair.rejected.trained.sum()) >= 1
+    for record in result.records:
+        # what the cache holds is what trains: every average log-prob is over at least one token
+        chosen, rejected = record["chosen_assistant_masks"], record["rejected_assistant_masks"]
+        assert (chosen.sum() >= 1 and rejected.sum() >= 1) or (len(chosen) == len(rejected) == 0)
+
+
+@pytest.mark.parametrize("text", ["<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>"])
+def test_a_special_token_written_in_the_text_is_dropped(tokenizer, text):
+    quoting = preference_row(f"what does {text} mean ?", "red .", "blue .", prompt_id="quoting")
+    result = scan(tokenizer, [GOOD, quoting, GOOD])
+    assert result.rows_dropped_for("special_token_text") == [1]
+    assert result.stats.dropped == dropped_counts(special_token_text=1)
+
+
+@pytest.mark.parametrize("pairs_per_row, held_out, rows", [([1, 1, 1, 1], 2, 2), ([3, 2, 4], 3, 1), ([3, 2, 4], 5, 2)])
+def test_held_out_rows_are_whole_rows_from_the_end(pairs_per_row, held_out, rows):
+    assert held_out_rows(np.array(pairs_per_row), held_out) == rows
+
+
+def test_held_out_rows_leave_a_row_to_train():
+    assert held_out_rows(np.array([8]), 1) == 0
+    assert held_out_rows(np.array([4, 4]), 7) == 1
 
 
 def test_a_training_sequence_longer_than_the_model(tmp_path, monkeypatch):

@@ -1,19 +1,18 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
-"""What |y| counts under each ``completion_tokens`` setting, token by token on a Llama-3-style chat, and the
-BOS / EOS checks that fail a data build naming the row."""
+"""What |y| counts under each ``completion_tokens`` setting, token by token on a Llama-3-style chat, the
+BOS / EOS checks that fail a data build naming the row, and rows that spell special tokens out, which are
+dropped rather than trusted."""
 
 import re
 
 import pytest
-from haliax import Axis
+import numpy as np
+from preference_build import build_and_check, build_records
 from preference_chat_fixtures import BOS, EOS, EOT, LLAMA3_TEMPLATE, llama3_style_tokenizer, preference_row
 
-from levanter.data.text.preference_pairs import PairBuilder, scan_preference_rows
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.text.preference_pair_build import PAIR_INFO
 from levanter.data.text.preference_rows import PreferenceRowError
-
-Pos = Axis("position", 64)
 
 # (token, trained under final_turn, trained under generation); the last token exists under final_turn only
 SAY_RED_TWICE = [
@@ -45,32 +44,27 @@ def tokenizer(tmp_path_factory):
     return llama3_style_tokenizer(tmp_path_factory.mktemp("llama3_style"))
 
 
-def _built(tokenizer, rows, **format_settings):
-    fmt = PromptCompletionPreferenceFormat(**format_settings)
-    cached = fmt.build_preprocessor(tokenizer)(rows)
-    builder = PairBuilder(fmt, Pos, tokenizer)
-    return cached, builder
+def _chosen(tokenizer, rows, **format_settings) -> tuple[list[str], np.ndarray, int]:
+    """The first row's cached chosen tokens, trained mask and prompt length."""
+    record = build_records(tokenizer, rows, **format_settings)[0]
+    tokens = tokenizer.convert_ids_to_tokens(record["chosen_input_ids"].tolist())
+    return tokens, record["chosen_assistant_masks"], int(record["pair_info"][PAIR_INFO.index("prompt_length")])
 
 
-def _scan(tokenizer, rows, **format_settings):
-    cached, builder = _built(tokenizer, rows, **format_settings)
-    return scan_preference_rows(enumerate(cached), builder, split="train")
+_scan = build_and_check
 
 
 @pytest.mark.parametrize("completion_tokens, column", [("final_turn", 1), ("generation", 2)])
 def test_trained_positions_token_by_token(tokenizer, completion_tokens, column):
-    cached, builder = _built(
+    tokens, trained, prompt_length = _chosen(
         tokenizer, [preference_row("say red two times .", "red red .", "red .")], completion_tokens=completion_tokens
     )
-    chosen = builder.build(cached[0]).chosen
     expected = [(row[0], row[column]) for row in SAY_RED_TWICE if row[column] is not None]
 
-    assert list(zip(tokenizer.convert_ids_to_tokens(chosen.tokens.tolist()), chosen.trained.astype(int).tolist())) == (
-        expected
-    )
-    assert chosen.prompt_length == 11
+    assert list(zip(tokens, trained.tolist())) == expected
+    assert prompt_length == 11
     # |y|: the reference counts header, content, end-of-turn and the appended EOS; Levanter's mask content and EOT
-    assert int(chosen.trained.sum()) == {"final_turn": 9, "generation": 4}[completion_tokens]
+    assert int(trained.sum()) == {"final_turn": 9, "generation": 4}[completion_tokens]
 
 
 def _raises_for_row(tokenizer, rows, match, **format_settings):
@@ -86,7 +80,7 @@ def test_a_template_without_bos_fails_naming_the_row(tokenizer):
     _raises_for_row(
         tokenizer,
         [GOOD],
-        r"train row 0, chosen sequence: it has BOS at positions \[\]",
+        r"train row 0: preference row with prompt_id good: chosen sequence: it has BOS at positions \[\]",
         chat_template=no_bos,
     )
 
@@ -95,9 +89,10 @@ def test_a_template_writing_bos_twice_fails(tokenizer):
     _raises_for_row(tokenizer, [GOOD], r"BOS at positions \[0, 1\]", chat_template="{{ bos_token }}" + LLAMA3_TEMPLATE)
 
 
-def test_bos_inside_a_message_fails(tokenizer):
+def test_bos_written_in_a_message_drops_the_row(tokenizer):
+    # the text would tokenize as a second BOS: the row is dropped and counted, the run goes on
     row = preference_row(f"{BOS} say red .", "red .", "blue .")
-    _raises_for_row(tokenizer, [GOOD, row], r"train row 1, chosen sequence: it has BOS at positions \[0, 5\]")
+    assert _scan(tokenizer, [GOOD, row]).rows_dropped_for("special_token_text") == [1]
 
 
 def test_a_tokenizer_that_adds_bos_does_not_double_the_templates_bos(tmp_path):
@@ -109,19 +104,19 @@ def test_a_tokenizer_that_adds_bos_does_not_double_the_templates_bos(tmp_path):
 
 
 @pytest.mark.parametrize("completion_tokens", ["final_turn", "generation"])
-def test_an_end_of_turn_inside_a_completion_fails(tokenizer, completion_tokens):
+def test_an_end_of_turn_written_in_a_completion_drops_the_row(tokenizer, completion_tokens):
     row = preference_row("say red .", f"red {EOT} red .", "blue .", prompt_id="eot-inside")
+    built = _scan(tokenizer, [GOOD, row], completion_tokens=completion_tokens)
+    assert built.rows_dropped_for("special_token_text") == [1]
+
+
+def test_a_template_ending_turns_twice_fails(tokenizer):
+    # the template, not the text, writes a second end-of-turn token: every row would be wrong, so the build stops
+    doubled = LLAMA3_TEMPLATE.replace("<|eot_id|>{% endgeneration %}", "<|eot_id|><|eot_id|>{% endgeneration %}")
     _raises_for_row(
-        tokenizer,
-        [GOOD, row],
-        rf"train row 1, chosen sequence: its completion holds '{re.escape(EOT)}' 2 times",
-        completion_tokens=completion_tokens,
+        tokenizer, [GOOD], rf"train row 0: .*chosen sequence: its completion holds '{re.escape(EOT)}' 2 times",
+        chat_template=doubled,
     )
-
-
-def test_a_doubled_eos_fails(tokenizer):
-    row = preference_row("say red .", "red .", f"blue . {EOS}")
-    _raises_for_row(tokenizer, [row], rf"rejected sequence: its completion holds '{re.escape(EOS)}' 2 times")
 
 
 def test_a_generation_span_without_the_end_of_turn_token(tokenizer):
@@ -139,13 +134,12 @@ def test_a_generation_span_without_the_end_of_turn_token(tokenizer):
 
 def test_a_turn_ending_with_eos_gets_no_second_one(tokenizer):
     eos_ended = LLAMA3_TEMPLATE.replace("<|eot_id|>{% endgeneration %}", "{{ eos_token }}{% endgeneration %}")
-    cached, builder = _built(tokenizer, [GOOD], chat_template=eos_ended)
-    chosen = builder.build(cached[0]).chosen
-    assert tokenizer.convert_ids_to_tokens(chosen.tokens[-3:].tolist()) == ["red", ".", EOS]
+    tokens, _, _ = _chosen(tokenizer, [GOOD], chat_template=eos_ended)
+    assert tokens[-3:] == ["red", ".", EOS]
 
 
 def test_generation_needs_a_generation_block(tokenizer):
     plain = LLAMA3_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     with pytest.raises(ValueError, match="has none"):
-        _built(tokenizer, [GOOD], chat_template=plain, completion_tokens="generation")
+        build_records(tokenizer, [GOOD], chat_template=plain, completion_tokens="generation")
     assert _scan(tokenizer, [GOOD], chat_template=plain).stats.chosen_tokens.max == 8

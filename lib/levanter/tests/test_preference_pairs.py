@@ -1,7 +1,7 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
-"""Preference pairs through Levanter's real cache: the statistics written next to the cache, drops and cuts,
-the held-out split over the pairs that train, and the ``DpoExample``s served."""
+"""Preference pairs through Levanter's real cache and its own ``PreferencePairDataset``: statistics, drops and
+cuts from the cache build, the held-out split over the pairs that train, and the ``DpoExample``s served."""
 
 import dataclasses
 import json
@@ -14,11 +14,21 @@ from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_sty
 
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
-from levanter.data.text.preference_pairs import STATS_FILE, build_preference_splits
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.text.preference_rows import PreferenceRowError
+from levanter.data.text.preference_splits import build_preference_splits, preference_pair_rows
 
 Pos = Axis("position", 48)
+
+
+def _splits(config, *, validation_split_fraction, pairs_per_row=1):
+    return build_preference_splits(
+        config,
+        lambda pairs: preference_pair_rows(pairs, Pos, pairs_per_row),
+        seq_len=Pos.size,
+        key=jrandom.PRNGKey(0),
+        validation_split_fraction=validation_split_fraction,
+    )
 
 
 def _rows() -> list[dict]:
@@ -44,19 +54,17 @@ def _config(tmp_path, rows, format) -> PreferenceLmDataConfig:
 
 
 def test_splits_stats_and_examples_through_the_cache(tmp_path):
-    config = _config(tmp_path, _rows(), PromptCompletionPreferenceFormat(max_prompt_length=24))
-    splits = build_preference_splits(config, Pos, key=jrandom.PRNGKey(0), validation_split_fraction=0.2)
+    config = _config(tmp_path, _rows(), PromptCompletionPreferenceFormat(max_length=48, max_prompt_length=24))
+    splits = _splits(config, validation_split_fraction=0.2)
 
-    stats = splits.stats["train"]
+    stats = splits.stats["train/prefs"]
     assert (stats.rows, stats.pairs) == (10, 8)
     assert stats.dropped == dropped_counts(empty_completion=1, identical_completions=1)
     assert stats.cut == {"prompt": 1, "completions": 0, "pairs": 1}
     assert stats.max_sequence_tokens <= Pos.size
-    written = json.loads((tmp_path / "cache" / "prefs" / "train" / STATS_FILE).read_text())
-    assert written["stats"]["dropped"] == stats.dropped and written["stats"]["pairs"] == 8
-    assert written["dropped_rows"] == {"identical_completions": [3], "empty_completion": [6]}
-    assert written["policy"] == {
-        "format": "preference_prompt_completion",
+    # the cache's ledger records the settings the pairs were built with
+    built = splits_cache_metadata(tmp_path)
+    assert {k: built[k] for k in ("completion_tokens", "max_length", "max_prompt_length", "truncation_mode")} == {
         "completion_tokens": "final_turn",
         "max_length": 48,
         "max_prompt_length": 24,
@@ -81,16 +89,28 @@ def test_splits_stats_and_examples_through_the_cache(tmp_path):
         assert min(pair.chosen.loss_weight.array.sum(), pair.rejected.loss_weight.array.sum()) >= 1
 
 
-def test_levanter_preference_chat_caches_still_train(tmp_path):
-    # Marin's tokenize step writes preference_chat caches: Levanter's masks, no cuts, the same checks and stats
+def splits_cache_metadata(tmp_path) -> dict:
+    ledger = json.loads((tmp_path / "cache" / "prefs" / "train" / "shard_ledger.json").read_text())
+    return ledger["metadata"]["preprocessor_metadata"]
+
+
+def test_levanter_preference_chat_data_is_refused_with_the_fix(tmp_path):
+    # its caches hold Levanter's masks with no prompt boundary, cuts or checks: not SimPO's |y|
     config = _config(tmp_path, _rows(), PreferenceChatLmDatasetFormat())
-    with pytest.raises(PreferenceRowError, match="train row 9: the chosen sequence has 73 tokens, more than the"):
-        build_preference_splits(config, Pos, key=jrandom.PRNGKey(0), validation_split_fraction=None)
-    wide = Axis("position", 96)
-    splits = build_preference_splits(config, wide, key=jrandom.PRNGKey(0), validation_split_fraction=None)
-    stats = splits.stats["train"]
-    # the plain format has no drop flags: the identical pair trains, the empty completion keeps its <|eot_id|>
-    assert (stats.pairs, stats.chosen_tokens.max) == (10, 6)
+    with pytest.raises(ValueError, match="set `type: preference_prompt_completion`"):
+        _splits(config, validation_split_fraction=None)
+
+
+def test_pairs_longer_than_the_sequence_without_a_budget_stop_the_run_naming_them(tmp_path):
+    config = _config(tmp_path, _rows(), PromptCompletionPreferenceFormat())
+    with pytest.raises(ValueError, match=r"1 train prefs pairs are longer than the training sequence length 48 \(rows \[9\]"):
+        _splits(config, validation_split_fraction=None)
+
+
+def test_a_budget_longer_than_the_sequence_is_refused(tmp_path):
+    config = _config(tmp_path, _rows(), PromptCompletionPreferenceFormat(max_length=64))
+    with pytest.raises(ValueError, match="max_length 64 is longer than the training sequence length 48"):
+        _splits(config, validation_split_fraction=None)
 
 
 def test_a_file_that_is_not_utf8_names_its_row(tmp_path):
@@ -98,15 +118,15 @@ def test_a_file_that_is_not_utf8_names_its_row(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_bytes(data.read_bytes() + b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(PreferenceRowError, match=rf"train file .*train.jsonl, row 3: the line is not valid UTF-8"):
-        build_preference_splits(config, Pos, key=jrandom.PRNGKey(0), validation_split_fraction=None)
+        _splits(config, validation_split_fraction=None)
 
 
 def test_a_cache_built_with_another_template_is_refused(tmp_path):
     config = _config(tmp_path, _rows()[:3], PromptCompletionPreferenceFormat())
-    build_preference_splits(config, Pos, key=jrandom.PRNGKey(0), validation_split_fraction=None)
+    _splits(config, validation_split_fraction=None)
     # Levanter would reuse the cache with a warning, training on the old template's tokens
     untrimmed = PromptCompletionPreferenceFormat(chat_template=LLAMA3_TEMPLATE.replace(" | trim", ""))
     component = dataclasses.replace(config.components["prefs"], format=untrimmed)
     changed = dataclasses.replace(config, components={"prefs": component})
     with pytest.raises(ValueError, match=r"was built with other settings \(chat_template\)"):
-        build_preference_splits(changed, Pos, key=jrandom.PRNGKey(0), validation_split_fraction=None)
+        _splits(changed, validation_split_fraction=None)

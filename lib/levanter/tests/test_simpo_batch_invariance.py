@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.random as jrandom
 import numpy as np
 import pytest
-from simpo_pairs import random_pairs
+from simpo_pairs import PADDED, random_pairs
 
 from levanter.data.text.preference import DpoExample
 from levanter.grad_accum import microbatched
@@ -47,7 +47,7 @@ def model():
 @eqx.filter_jit
 def _accumulated_loss_and_grads(model, pairs: DpoExample, microbatch_size: int, sft_weight: float):
     """What the trainer computes for one step with ``microbatch_size`` pairs per accumulation step."""
-    loss_fn = functools.partial(simpo_loss, beta=2.0, gamma_beta_ratio=0.5, sft_weight=sft_weight)
+    loss_fn = functools.partial(simpo_loss, layout=PADDED, beta=2.0, gamma_beta_ratio=0.5, sft_weight=sft_weight)
     grad_fn = eqx.filter_value_and_grad(loss_fn, has_aux=True)
     Rows = pairs.chosen.tokens.resolve_axis(Batch.name)
     return microbatched(functools.partial(grad_fn, model), Rows, microbatch_size, {}, COMPUTE)(pairs)
@@ -94,3 +94,16 @@ def test_the_sft_term_is_a_mean_of_microbatch_token_means(model, pairs):
 
 def _rows(pairs: DpoExample, start: int, stop: int) -> DpoExample:
     return jax.tree.map(lambda x: x[Batch.name, start:stop], pairs, is_leaf=lambda x: isinstance(x, hax.NamedArray))
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_rows_of_several_pairs_refuse_microbatches(layout):
+    # microbatches of such rows hold different numbers of pairs, and Levanter averages their losses equally
+    from levanter.main.train_simpo import TrainSimpoConfig, validate_config
+    from levanter.trainer import TrainerConfig
+
+    split = TrainSimpoConfig(pair_layout=layout, trainer=TrainerConfig(train_batch_size=8, per_device_parallelism=4))
+    with pytest.raises(ValueError, match=f"pair_layout {layout} holds a varying number of pairs a row"):
+        validate_config(split)
+    validate_config(TrainSimpoConfig(pair_layout=layout, trainer=TrainerConfig(train_batch_size=8)))
+    validate_config(TrainSimpoConfig(trainer=TrainerConfig(train_batch_size=8, per_device_parallelism=4)))

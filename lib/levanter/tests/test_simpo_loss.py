@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from levanter.data.text.preference import DpoExample
+from levanter.main.simpo_layouts import Side, pair_layout
 from levanter.main.train_simpo import _average_logp, simpo_loss, simpo_loss_from_logps
 from levanter.metrics import Metric
 from levanter.models.gpt2 import Gpt2Config
@@ -104,8 +105,17 @@ Vocab = hax.Axis("vocab", 50)
 Batch = hax.Axis("batch", 3)
 
 
-def _causal(tokens, weight):
-    return hax.vmap(lambda t, w: LmExample.causal(t, loss_weight=w), Batch)(tokens, weight)
+PADDED = pair_layout("padded", 1)
+
+
+def _causal(tokens, weight, segments):
+    return hax.vmap(lambda t, w, s: LmExample.causal(t, loss_weight=w, segment_ids=s), Batch)(tokens, weight, segments)
+
+
+def _average(model, example, *, key=None):
+    """Length-normalised log-prob of each row's completion, as the padded layout computes it."""
+    logps = PADDED.logps(model, DpoExample(chosen=example, rejected=example), key=key)
+    return _average_logp(logps.sum, logps.count)[Side, 0]["pair_in_row", 0]
 
 
 def _numpy_average_logp(model, example):
@@ -125,12 +135,14 @@ def _batched_example(prompt_lengths, lengths, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, Vocab.size, size=(Batch.size, Pos.size)).astype(np.int32)
     mask = np.zeros((Batch.size, Pos.size), np.float32)
+    segments = np.full((Batch.size, Pos.size), -1, np.int32)
     for i, (p, n) in enumerate(zip(prompt_lengths, lengths)):
         tokens[i, n:] = 0
         mask[i, p:n] = 1
+        segments[i, :n] = i  # as Levanter's packer: the pair's index on its tokens, -1 on padding
     tokens_n = hax.named(jnp.asarray(tokens), (Batch, Pos))
     weight = hax.roll(hax.named(jnp.asarray(mask), (Batch, Pos)), -1, Pos)
-    return _causal(tokens_n, weight)
+    return _causal(tokens_n, weight, hax.named(jnp.asarray(segments), (Batch, Pos)))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +152,7 @@ def model():
 
 def test_average_logp_matches_numpy_over_completion_tokens(model):
     example = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6])
-    got = np.asarray(_average_logp(model, example).array)
+    got = np.asarray(_average(model, example).array)
     expected_avg, expected_sum = _numpy_average_logp(model, example)
     np.testing.assert_allclose(got, expected_avg, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, expected_sum, atol=1e-3)  # a sum in place of the mean fails here
@@ -148,7 +160,7 @@ def test_average_logp_matches_numpy_over_completion_tokens(model):
 
 def test_average_logp_of_a_row_without_completion_tokens_is_zero(model):
     example = _batched_example(prompt_lengths=[3, 6, 2], lengths=[9, 6, 8])  # row 1: prompt fills it
-    got = np.asarray(_average_logp(model, example).array)
+    got = np.asarray(_average(model, example).array)
     assert np.all(np.isfinite(got)) and got[1] == 0.0 and got[0] != 0.0
 
 
@@ -157,9 +169,9 @@ def test_dropout_key_reaches_the_model():
         max_seq_len=16, hidden_dim=32, num_layers=2, num_heads=2, gradient_checkpointing=False, resid_pdrop=0.5
     ).build(Vocab, key=jrandom.PRNGKey(0))
     example = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6])
-    a = _average_logp(dropout, example, key=jrandom.PRNGKey(1)).array
-    b = _average_logp(dropout, example, key=jrandom.PRNGKey(2)).array
-    again = _average_logp(dropout, example, key=jrandom.PRNGKey(1)).array
+    a = _average(dropout, example, key=jrandom.PRNGKey(1)).array
+    b = _average(dropout, example, key=jrandom.PRNGKey(2)).array
+    again = _average(dropout, example, key=jrandom.PRNGKey(1)).array
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, again)
 
@@ -168,7 +180,7 @@ def test_pair_loss_equals_loss_from_separately_computed_averages(model):
     chosen = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6], seed=1)
     rejected = _batched_example(prompt_lengths=[3, 5, 1], lengths=[12, 7, 15], seed=2)
     pair = DpoExample(chosen=chosen, rejected=rejected)
-    loss, metrics = simpo_loss(model, pair, beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.3)
+    loss, metrics = simpo_loss(model, pair, layout=PADDED, beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.3)
 
     avg_c, sum_c = _numpy_average_logp(model, chosen)
     avg_r, _ = _numpy_average_logp(model, rejected)
@@ -183,7 +195,7 @@ def test_pair_loss_equals_loss_from_separately_computed_averages(model):
 def test_pairs_without_trained_tokens_are_left_out_and_counted(model):
     chosen = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6], seed=1)
     rejected = _batched_example(prompt_lengths=[3, 7, 1], lengths=[12, 7, 15], seed=2)  # pair 1: nothing trained
-    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), beta=2.0, gamma_beta_ratio=0.5)
+    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), layout=PADDED, beta=2.0, gamma_beta_ratio=0.5)
 
     avg_c, _ = _numpy_average_logp(model, chosen)
     avg_r = _numpy_average_logp(model, rejected)[0][[0, 2]]
@@ -197,10 +209,45 @@ def test_empty_pair_slots_are_left_out_silently(model):
     # row 1 has no trained token on either side: an eval padding pair or an unused slot of a packed row
     chosen = _batched_example(prompt_lengths=[3, 7, 1], lengths=[9, 7, 6], seed=1)
     rejected = _batched_example(prompt_lengths=[3, 7, 1], lengths=[12, 7, 15], seed=2)
-    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), beta=2.0, gamma_beta_ratio=0.5)
+    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), layout=PADDED, beta=2.0, gamma_beta_ratio=0.5)
 
     avg_c = _numpy_average_logp(model, chosen)[0][[0, 2]]
     avg_r = _numpy_average_logp(model, rejected)[0][[0, 2]]
     kept, _ = simpo_loss_from_logps(avg_c, avg_r, beta=2.0, gamma_beta_ratio=0.5)
     assert float(loss) == pytest.approx(float(kept), rel=1e-5)
     assert float(metrics["simpo_skipped_pairs"]) == 0.0
+
+
+def test_mixture_of_experts_router_loss_is_added_once_and_never_enters_the_log_probs():
+    from levanter.models.lm_model import split_activations
+    from levanter.models.mixtral import MixtralConfig
+
+    # Mixtral routes tokens inside a shard_map, which needs a mesh even on one device
+    with hax.partitioning.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))):
+        _check_moe(MixtralConfig, split_activations)
+
+
+def _check_moe(MixtralConfig, split_activations):
+    config = MixtralConfig(
+        max_seq_len=16, hidden_dim=32, intermediate_dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
+        n_routed_experts=4, num_experts_per_tok=2, lbl_coef=0.5, rzl_coef=0.1, use_flash_attention=False,
+    )
+    moe = config.build(Vocab, key=jrandom.PRNGKey(0))
+    chosen = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6], seed=1)
+    rejected = _batched_example(prompt_lengths=[3, 5, 1], lengths=[12, 7, 15], seed=2)
+    pair = DpoExample(chosen=chosen, rejected=rejected)
+
+    # the averages are log-probs: they match a plain log-softmax of the model's logits
+    avg_c, _ = _numpy_average_logp(moe, chosen)
+    np.testing.assert_allclose(np.asarray(_average(moe, chosen).array), avg_c, rtol=1e-5, atol=1e-5)
+
+    loss, _ = simpo_loss(moe, pair, layout=PADDED, beta=2.0, gamma_beta_ratio=0.5)
+    avg_r, _ = _numpy_average_logp(moe, rejected)
+    simpo_only, _ = simpo_loss_from_logps(jnp.asarray(avg_c), jnp.asarray(avg_r), beta=2.0, gamma_beta_ratio=0.5)
+    # the router's loss over the same tokens: both sides as one batch of six rows
+    both = jax.tree.map(
+        lambda c, r: hax.concatenate("batch", [c, r]), chosen, rejected, is_leaf=lambda x: isinstance(x, hax.NamedArray)
+    )
+    _, aux = split_activations(moe.activations(both.tokens, both.attn_mask))
+    assert float(aux) > 1e-3  # the router's loss is there to be counted
+    assert float(loss) == pytest.approx(float(simpo_only) + float(aux), rel=1e-5)

@@ -14,7 +14,7 @@ import jmp
 import numpy as np
 import optax
 import pytest
-from simpo_pairs import random_pairs
+from simpo_pairs import PADDED, random_pairs
 from simpo_tiny_run import single_device_runs
 
 from levanter.checkpoint import CheckpointerConfig
@@ -47,7 +47,7 @@ def test_extreme_logits_keep_loss_and_gradients_finite(compute):
     model = TINY.build(Vocab, key=jrandom.PRNGKey(0))
     model = eqx.tree_at(lambda m: m.embeddings.token_embeddings.weight, model, replace_fn=lambda w: w * 1e5)
     policy = jmp.get_policy(f"p=f32,c={compute}")
-    loss_fn = functools.partial(simpo_loss, beta=10.0, gamma_beta_ratio=0.5, label_smoothing=0.1, sft_weight=0.1)
+    loss_fn = functools.partial(simpo_loss, layout=PADDED, beta=10.0, gamma_beta_ratio=0.5, label_smoothing=0.1, sft_weight=0.1)
 
     @eqx.filter_jit
     def loss_and_grads(model, pairs):
@@ -70,7 +70,7 @@ def test_extreme_logits_keep_loss_and_gradients_finite(compute):
 def _poisoned_loss(model, pairs: DpoExample, *, key=None):
     """The SimPO loss, except that a batch whose first token is NAN_LOSS has a NaN loss, and one whose first token
     is NAN_GRADIENT a finite loss with a NaN gradient (the where-of-sqrt trap a masking bug typically sets)."""
-    loss, metrics = simpo_loss(model, pairs, beta=2.0, gamma_beta_ratio=0.5, key=key)
+    loss, metrics = simpo_loss(model, pairs, layout=PADDED, beta=2.0, gamma_beta_ratio=0.5, key=key)
     first = pairs.chosen.tokens.array[0, 0]
     w = model.embeddings.token_embeddings.weight.array[0, 0]
     inside = jnp.where(first == NAN_GRADIENT, -1.0 - jnp.abs(w), 1.0)

@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The shipped tiny config through the real Trainer: checkpoints, HF export, falling loss, and resume."""
 
+import json
 import math
 import os
 
@@ -34,6 +35,10 @@ def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
 
     checkpoints = tmp_path / "checkpoints" / "e2e"
     assert (checkpoints / "step-4").is_dir() and (checkpoints / "step-7").is_dir()
+    # the data statistics go beside the run's checkpoints, never into the cache another run may share
+    stats = json.loads((checkpoints / "pair_stats.json").read_text())
+    assert stats["train/tiny_simpo"]["pairs"] == 2500 and stats["validation/tiny_simpo"]["pairs"] == 250
+    assert not list((tmp_path / "cache").rglob("pair_stats.json"))
     export = tmp_path / "hf" / "e2e" / "step-7"
     assert (export / "config.json").is_file() and (export / "tokenizer_config.json").is_file()
     assert any(p.suffix == ".safetensors" for p in export.iterdir())

@@ -31,14 +31,15 @@ from levanter.adaptor import AdaptorConfig, AdaptorExportConfig, NoAdaptorConfig
 from levanter.callbacks import StepInfo
 from levanter.compat.hf_checkpoints import build_generation_config
 from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
-from levanter.data.text.preference_packing import PrefixSharedPairs
-from levanter.data.text.preference_pairs import PAIR_LAYOUTS, PairLayout, build_preference_splits
+from levanter.data.text.preference_shared_prompt import PrefixSharedPairs
+from levanter.data.text.preference_splits import build_preference_splits
+from levanter.data.text.preference_stats import write_pair_stats
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
 from levanter.main.simpo_guard import NonFiniteGuard
-from levanter.main.simpo_packing import pairs_axis, packed_logp_sums_and_counts, prefix_shared_logp_sums_and_counts
+from levanter.main.simpo_layouts import PairLayout, PairLayoutName, Side, check_pair_layout, pair_layout
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
-from levanter.models.lm_model import LmConfig, LmExample, LmHeadModel
+from levanter.models.lm_model import LmConfig, LmHeadModel
 from levanter.optim.config import AdamConfig, OptimizerConfig
 from levanter.trainer import Trainer, TrainerConfig
 from levanter.trainer_state import trainables_only
@@ -47,9 +48,6 @@ from levanter.utils.jax_utils import parameter_count
 logger = logging.getLogger(__name__)
 
 LossType = Literal["sigmoid", "hinge"]
-
-# Chosen and rejected completions run through the model as one batch along this axis.
-Side = Axis("preference_side", 2)
 
 
 @dataclass
@@ -74,12 +72,12 @@ class TrainSimpoConfig:
     use_hf_model_config: bool = False
     initialize_from_checkpoint_path: Optional[str] = None
 
-    pair_layout: PairLayout = "padded"
-    """How pairs fill the sequences: ``padded`` is one pair per chosen/rejected row pair; ``packed`` puts up to
-    ``max_pairs_per_row`` consecutive pairs in each row pair as attention segments; ``shared_prompt`` puts up to
-    ``max_pairs_per_row`` pairs in one row each as ``prompt, chosen, rejected``, the prompt run once. The loss is
-    the same mean over pairs; batch sizes then count rows, not pairs. Packing keeps positions running across the
-    pairs of a row, exact for rotary position embeddings (Llama) but not absolute ones (GPT-2)."""
+    pair_layout: PairLayoutName = "padded"
+    """How pairs fill the sequences (``levanter.main.simpo_layouts``): ``padded`` is one pair per chosen/rejected
+    row pair; ``packed`` puts up to ``max_pairs_per_row`` consecutive pairs in each row pair as attention
+    segments, positions restarting at each pair; ``shared_prompt`` puts up to ``max_pairs_per_row`` pairs in one
+    row each as ``prompt, chosen, rejected``, the prompt run once. The loss is the same mean over pairs; batch
+    sizes then count rows, not pairs."""
     max_pairs_per_row: int = 8
     """Most pairs in one row of the ``packed`` and ``shared_prompt`` layouts (at least 1); unused by ``padded``."""
 
@@ -113,10 +111,17 @@ def validate_config(config: TrainSimpoConfig) -> None:
         raise ValueError("label_smoothing applies to the sigmoid loss only; set it to 0 with loss_type='hinge'")
     if not (math.isfinite(config.sft_weight) and config.sft_weight >= 0):
         raise ValueError(f"sft_weight must be a non-negative finite number, got {config.sft_weight}")
-    if config.pair_layout not in PAIR_LAYOUTS:
-        raise ValueError(f"pair_layout must be one of {', '.join(PAIR_LAYOUTS)}, got {config.pair_layout!r}")
-    if config.max_pairs_per_row < 1:
-        raise ValueError(f"max_pairs_per_row must be at least 1, got {config.max_pairs_per_row}")
+    check_pair_layout(config.pair_layout, config.max_pairs_per_row)
+    microbatch = config.trainer.microbatch_size
+    largest_batch = max(segment.value for segment in config.trainer.batch_schedule.segments)
+    if config.pair_layout != "padded" and microbatch is not None and microbatch < largest_batch:
+        # Levanter averages microbatch losses equally; rows of several pairs give microbatches unequal pair
+        # counts, so that average would not be the mean over the batch's pairs
+        raise ValueError(
+            f"pair_layout {config.pair_layout} holds a varying number of pairs a row, so splitting a batch of "
+            f"{largest_batch} rows into microbatches of {microbatch} (trainer.per_device_parallelism) would weight "
+            "pairs unequally; use pair_layout padded with microbatches, or a batch that fits without them"
+        )
     fraction = config.validation_split_fraction
     if fraction is not None and not 0 <= fraction < 1:
         raise ValueError(f"validation_split_fraction must be in [0, 1) or null, got {fraction}")
@@ -198,66 +203,32 @@ def simpo_loss_from_logps(
     return loss, metrics
 
 
-def _completion_logp_sum_and_count(
-    model: LmHeadModel, example: LmExample, *, key=None
-) -> tuple[hax.NamedArray, hax.NamedArray]:
-    """Per sequence: summed log-prob of the trained tokens, and how many tokens were trained."""
-    Pos = example.tokens.resolve_axis(model.Pos.name)
-    # reduction=None gives per-position NLL already multiplied by loss_weight, the shifted completion mask
-    nll = model.compute_next_token_loss(example, reduction=None, reduction_axis=(), key=key)
-    return -hax.sum(nll, axis=Pos), hax.sum(example.loss_weight, axis=Pos)
-
-
-def _mean_or_zero(total: hax.NamedArray, count: hax.NamedArray) -> hax.NamedArray:
-    # a completion with no trained token averages to 0 rather than 0/0; callers count such rows
-    return hax.where(count > 0, total / hax.maximum(count, 1), hax.zeros_like(total))
-
-
-def _average_logp(model: LmHeadModel, example: LmExample, *, key=None) -> hax.NamedArray:
-    """Length-normalised log-prob of each sequence's completion tokens (0 for a sequence with none)."""
-    return _mean_or_zero(*_completion_logp_sum_and_count(model, example, key=key))
-
-
-def _stack_sides(example: DpoExample) -> LmExample:
-    return jax.tree.map(
-        lambda chosen, rejected: hax.stack(Side, [chosen, rejected]),
-        example.chosen,
-        example.rejected,
-        is_leaf=lambda x: isinstance(x, hax.NamedArray),
-    )
+def _average_logp(logp_sum: hax.NamedArray, count: hax.NamedArray) -> hax.NamedArray:
+    """SimPO's length-normalised log-prob: a completion's summed log-prob over its number of trained tokens
+    (0 for a completion with none; callers leave such pairs out and count them)."""
+    return hax.where(count > 0, logp_sum / hax.maximum(count, 1), hax.zeros_like(logp_sum))
 
 
 def simpo_loss(
     model: LmHeadModel,
     example: DpoExample | PrefixSharedPairs,
     *,
+    layout: PairLayout,
     beta: float,
     gamma_beta_ratio: float,
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
-    max_pairs_per_row: int = 1,
     key=None,
 ) -> tuple[jnp.ndarray, dict[str, Metric]]:
-    """The training objective on a batch of pairs: one forward pass over chosen and rejected together.
-
-    ``example`` holds one pair per row, up to ``max_pairs_per_row`` packed pairs per row, or shared-prompt rows
-    (``PrefixSharedPairs``); the loss is the same mean over pairs in each case.
-    """
-    if isinstance(example, PrefixSharedPairs):
-        Pairs = pairs_axis(max_pairs_per_row)
-        logp_sum, count = prefix_shared_logp_sums_and_counts(model, example, Pairs, Side=Side, key=key)
-    elif max_pairs_per_row > 1:
-        logp_sum, count = packed_logp_sums_and_counts(
-            model, _stack_sides(example), pairs_axis(max_pairs_per_row), key=key
-        )
-    else:
-        logp_sum, count = _completion_logp_sum_and_count(model, _stack_sides(example), key=key)
-    avg = _mean_or_zero(logp_sum, count)
+    """The training objective on a batch of rows laid out by ``layout``: one forward pass over chosen and
+    rejected together, the mean over pairs whatever the layout, plus the model's auxiliary loss once."""
+    logps = layout.logps(model, example, key=key)
+    avg = _average_logp(logps.sum, logps.count)
     # a side with no trained token has no average; empty slots (the loader's padding pairs at the end of an eval
     # set, unused pair slots of packed rows) have none on either side and are not pairs at all
-    trainable = hax.all(count > 0, axis=Side).array
-    half_empty = hax.any(count > 0, axis=Side).array & ~trainable
+    trainable = hax.all(logps.count > 0, axis=Side).array
+    half_empty = hax.any(logps.count > 0, axis=Side).array & ~trainable
     loss, metrics = simpo_loss_from_logps(
         avg[Side, 0],
         avg[Side, 1],
@@ -270,11 +241,11 @@ def simpo_loss(
     metrics["simpo_skipped_pairs"] = Metric.from_value(jnp.sum(half_empty).astype(jnp.float32), ReductionType.SUM)
     if sft_weight > 0:
         # the reference trainer's SFT term: cross-entropy averaged over all chosen tokens, not per pair
-        chosen_tokens = hax.sum(count[Side, 0]).array
-        sft = -hax.sum(logp_sum[Side, 0]).array / jnp.maximum(chosen_tokens, 1.0)
+        chosen_tokens = hax.sum(logps.count[Side, 0]).array
+        sft = -hax.sum(logps.sum[Side, 0]).array / jnp.maximum(chosen_tokens, 1.0)
         loss = loss + sft_weight * sft
         metrics["simpo_sft_loss"] = Metric(_value=sft * chosen_tokens, _count=chosen_tokens)
-    return loss, metrics
+    return loss + logps.aux_loss, metrics
 
 
 class HeldOutEvaluator:
@@ -334,19 +305,18 @@ def main(config: TrainSimpoConfig):
     levanter.trainer.initialize(config)
     optimizer = config.optimizer.build(config.trainer.num_train_steps)
 
-    # the padded layout's DpoExamples hold one pair per row; the others up to max_pairs_per_row
-    pairs_per_row = 1 if config.pair_layout == "padded" else config.max_pairs_per_row
+    layout = pair_layout(config.pair_layout, config.max_pairs_per_row)
 
     def loss_function(model: LmHeadModel, example: DpoExample | PrefixSharedPairs, *, key=None):
         return simpo_loss(
             model,
             example,
+            layout=layout,
             beta=config.beta,
             gamma_beta_ratio=config.gamma_beta_ratio,
             loss_type=config.loss_type,
             label_smoothing=config.label_smoothing,
             sft_weight=config.sft_weight,
-            max_pairs_per_row=pairs_per_row,
             key=key,
         )
 
@@ -368,15 +338,17 @@ def main(config: TrainSimpoConfig):
 
         splits = build_preference_splits(
             config.data,
-            Pos,
+            lambda pairs: layout.rows(pairs, Pos),
+            seq_len=Pos.size,
             key=data_key,
             validation_split_fraction=config.validation_split_fraction,
-            layout=config.pair_layout,
-            max_pairs_per_row=pairs_per_row,
         )
         for split, stats in splits.stats.items():
             logger.info(f"Preference data ({split}): {stats.describe()}")
             levanter.tracker.log_summary(stats.as_metrics(f"data/{split}"))
+        if jax.process_index() == 0 and config.trainer.checkpointer is not None:
+            path = write_pair_stats(splits.stats, config.trainer.checkpointer.expanded_path(trainer.run_id))
+            logger.info(f"Wrote the preference data statistics to {path}")
         gamma = config.beta * config.gamma_beta_ratio
         logger.info(f"SimPO: beta={config.beta}, gamma_beta_ratio={config.gamma_beta_ratio}, gamma={gamma}")
         levanter.tracker.log_summary({"simpo/beta": config.beta, "simpo/gamma": gamma})
@@ -430,7 +402,7 @@ def main(config: TrainSimpoConfig):
         )
 
         # an example is two sequences of Pos tokens (one in the shared-prompt layout), run forward and backward
-        sequences = 1 if config.pair_layout == "shared_prompt" else 2
+        sequences = layout.sequences_per_row
         flops_per_token = config.model.flops_per_token(Vocab.size, Pos.size)
         flops_per_example = sequences * 3 * flops_per_token * Pos.size if flops_per_token is not None else None
         trainer.add_hook(

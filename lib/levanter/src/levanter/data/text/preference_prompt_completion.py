@@ -5,33 +5,36 @@
 Levanter's ``preference_chat`` renders each transcript whole and trains the ``{% generation %}`` spans, so it
 cannot tell the prompt from the completion, cannot cut an over-long pair the way the SimPO reference trainer
 does, and counts in ``|y|`` only what the template marks. This format renders the shared prompt on its own and
-each full transcript, stores where the prompt ends, and leaves two choices to example-building time (they need
-no re-tokenization):
+each full transcript, so it knows where the prompt ends, and its cache builder makes every per-pair decision
+once (``levanter.data.text.preference_pair_build``):
 
 - ``completion_tokens``, what ``|y|`` counts (``final_turn``: the reference trainer's; ``generation``:
-  Levanter's chat mask), see ``pair_sides``;
-- the truncation budgets, see ``levanter.data.text.preference_truncation``.
+  Levanter's chat mask);
+- the truncation budgets (``levanter.data.text.preference_truncation``);
+- the checks and the drops.
 
-It subclasses ``PreferenceChatLmDatasetFormat``, so ``PreferenceLmDataConfig`` accepts it; ``slice_strategy``
-and ``pack`` keep their required values and are not used.
+The cache holds the cut pairs in Levanter's preference fields, the trained positions as the
+``*_assistant_masks``, so Levanter's own ``PreferencePairDataset`` serves them; ``pair_info`` records each
+row's prompt boundary, lengths, status and cuts (``PAIR_INFO``). The format subclasses
+``PreferenceChatLmDatasetFormat``, so ``PreferenceLmDataConfig`` accepts it; ``slice_strategy`` and ``pack``
+keep their required values and are not used.
 """
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jinja2
 import numpy as np
 
 from levanter.data._preprocessor import BatchProcessor
-from levanter.tokenizers import MarinTokenizer
+from levanter.tokenizers import MarinTokenizer, chat_template_has_generation_block
 
 from .formats import LmDatasetFormatBase
 from .preference import PreferenceChatLmDatasetFormat
-from .preference_rows import PreferenceRowError, describe_row, parse_preference_row
-from .preference_truncation import PairSide, TruncationBudget, TruncationMode
-
-CompletionTokens = Literal["final_turn", "generation"]
+from .preference_pair_build import STATUS_ERROR, CompletionTokens, PairPolicy, build_pair, cache_exemplar, cache_record
+from .preference_rows import PreferenceRowError, describe_row, parse_preference_row, special_token_pattern
+from .preference_truncation import TruncationBudget, TruncationMode
 
 
 @LmDatasetFormatBase.register_subclass("preference_prompt_completion")
@@ -46,7 +49,8 @@ class PromptCompletionPreferenceFormat(PreferenceChatLmDatasetFormat):
     does not already end with it. ``generation`` (Levanter's chat masks): the final turn's
     ``{% generation %}`` span only, as the template marks it."""
     max_length: int | None = None
-    """Total token budget of a sequence (the reference's ``max_length``); None uses the training sequence length."""
+    """Total token budget of a sequence (the reference's ``max_length``), applied when the cache is built; None
+    cuts nothing, and a pair longer than the training sequence then stops the run."""
     max_prompt_length: int | None = None
     """Prompt budget when a pair is over ``max_length`` (the reference's ``max_prompt_length``); None is half of
     ``max_length``."""
@@ -62,64 +66,63 @@ class PromptCompletionPreferenceFormat(PreferenceChatLmDatasetFormat):
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
-        if self.max_length is not None:
-            self.budget(self.max_length)  # max_prompt_length must leave the completions a token
+        self.budget()  # max_prompt_length must leave the completions a token
 
-    def budget(self, seq_len: int) -> TruncationBudget:
-        """The budgets for sequences of ``seq_len`` positions."""
-        max_length = self.max_length if self.max_length is not None else seq_len
-        if max_length > seq_len:
-            raise ValueError(f"max_length {max_length} is longer than the training sequence length {seq_len}")
-        max_prompt_length = self.max_prompt_length if self.max_prompt_length is not None else max_length // 2
-        return TruncationBudget(max_length, max_prompt_length, self.truncation_mode)
+    def budget(self) -> TruncationBudget | None:
+        """The cut budgets, or None when ``max_length`` is unset (nothing is cut)."""
+        if self.max_length is None:
+            return None
+        max_prompt_length = self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+        return TruncationBudget(self.max_length, max_prompt_length, self.truncation_mode)
 
     def build_preprocessor(
         self, tokenizer: MarinTokenizer, *, enforce_eos: bool = True, enforce_bos: bool = True
     ) -> BatchProcessor[dict, dict]:
-        del enforce_eos, enforce_bos  # checked per row by the data-set scan, against the |y| definition in use
-        return PromptCompletionProcessor(
-            tokenizer,
-            chosen_field=self.chosen_field,
-            rejected_field=self.rejected_field,
-            chat_template=self.chat_template,
-            system_prompt_field=self.system_prompt,
-            chat_template_kwargs_field=self.chat_template_kwargs,
-        )
+        del enforce_eos, enforce_bos  # checked per pair against the |y| definition in use
+        return PromptCompletionProcessor(tokenizer, self)
+
+
 
 
 class PromptCompletionProcessor(BatchProcessor[dict, dict]):
-    """Renders each row's prompt alone and its two full transcripts, one cache row per source row.
+    """Renders each row's prompt alone and its two full transcripts (the template compiled once a batch), then
+    builds the pair with ``build_pair``: one cache row per source row, so cache row ``i`` is source row ``i``.
 
-    Stores Levanter's preference fields (``{side}_input_ids``, ``{side}_assistant_masks`` from the
-    ``{% generation %}`` spans) plus ``prompt_length`` and ``drop`` (a ``RowDrop`` code), each as a 1-element
-    array, and ``error``, the UTF-8 message of a malformed row (empty otherwise). Never skips a row, so cache
-    row ``i`` is source row ``i`` and the scan can name it.
+    A malformed row is kept as a row with status ``STATUS_ERROR`` and its message, so the data set can name the
+    source row index when it stops the run; rows that cannot train keep their place with their ``RowDrop``.
     """
 
-    def __init__(
-        self,
-        tokenizer: MarinTokenizer,
-        *,
-        chosen_field: str = "chosen",
-        rejected_field: str = "rejected",
-        chat_template: str | None = None,
-        system_prompt_field: str | None = None,
-        chat_template_kwargs_field: str | None = "chat_template_kwargs",
-    ):
-        self.chat_template = chat_template or tokenizer.chat_template
+    def __init__(self, tokenizer: MarinTokenizer, format: PromptCompletionPreferenceFormat):
+        self.chat_template = format.chat_template or tokenizer.chat_template
         if self.chat_template is None:
             raise ValueError(
                 f"Tokenizer {tokenizer.name_or_path} has no chat template and the data format sets none; set "
                 "chat_template in the preference format"
             )
+        if format.completion_tokens == "generation" and not chat_template_has_generation_block(self.chat_template):
+            raise ValueError(
+                "completion_tokens: generation trains the chat template's {% generation %} span, and the template "
+                "has none; mark the assistant turn with {% generation %} or use completion_tokens: final_turn"
+            )
         self.tokenizer = tokenizer
-        self.chosen_field = chosen_field
-        self.rejected_field = rejected_field
-        self.system_prompt_field = system_prompt_field
-        self.chat_template_kwargs_field = chat_template_kwargs_field
+        self.format = format
+        self.policy = PairPolicy(
+            completion_tokens=format.completion_tokens,
+            budget=format.budget(),
+            bos_id=tokenizer.bos_token_id,
+            eos_id=tokenizer.eos_token_id,
+            terminators=PairPolicy.terminators_of(
+                tokenizer.all_special_ids,
+                bos_id=tokenizer.bos_token_id,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+            ),
+        )
+        special = tokenizer.convert_ids_to_tokens(list(tokenizer.all_special_ids))
+        self.special_tokens = special_token_pattern([*special, tokenizer.bos_token, tokenizer.eos_token])
 
     def _template_kwargs(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        field = self.chat_template_kwargs_field
+        field = self.format.chat_template_kwargs
         if field is None or row.get(field) is None:
             return {}
         kwargs = row[field]
@@ -130,65 +133,80 @@ class PromptCompletionProcessor(BatchProcessor[dict, dict]):
             raise PreferenceRowError(f"{describe_row(row)}: {field!r} may not set {sorted(forbidden)}")
         return {k: v for k, v in kwargs.items() if k != "add_generation_prompt"}
 
-    def _render(self, conversation: list[dict], kwargs: dict) -> tuple[list[int], list[int]]:
-        out = self.tokenizer.apply_chat_template_with_masks([conversation], chat_template=self.chat_template, **kwargs)
-        return out["input_ids"][0], out["assistant_masks"][0]
+    def _render(self, conversations: list[list[dict]], kwargs: dict) -> list[tuple[list[int], list[int]]]:
+        out = self.tokenizer.apply_chat_template_with_masks(conversations, chat_template=self.chat_template, **kwargs)
+        return list(zip(out["input_ids"], out["assistant_masks"]))
 
-    def _process(self, source: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        row = parse_preference_row(
-            source,
-            chosen_field=self.chosen_field,
-            rejected_field=self.rejected_field,
-            system_prompt_field=self.system_prompt_field,
-        )
-        kwargs = self._template_kwargs(source)
-        try:
-            prompt, _ = self._render(row.prompt, kwargs)
-            chosen_ids, chosen_mask = self._render([*row.prompt, row.chosen], kwargs)
-            rejected_ids, rejected_mask = self._render([*row.prompt, row.rejected], kwargs)
-        except jinja2.TemplateError as e:
-            raise PreferenceRowError(f"{describe_row(source)}: the chat template fails on it: {e}") from None
-        for field, ids in ((self.chosen_field, chosen_ids), (self.rejected_field, rejected_ids)):
+    def _render_rows(self, parsed: list[tuple[Any, dict]]) -> list[list[tuple[list[int], list[int]]]]:
+        """Prompt, chosen and rejected renderings of each row: one template call per kind for the rows without
+        template kwargs, one per row for the others."""
+        plain = [i for i, (_, kwargs) in enumerate(parsed) if not kwargs]
+        rendered: dict[int, list[tuple[list[int], list[int]]]] = {}
+        kinds = (lambda r: r.prompt, lambda r: [*r.prompt, r.chosen], lambda r: [*r.prompt, r.rejected])
+        if plain:
+            per_kind = [self._render([kind(parsed[i][0]) for i in plain], {}) for kind in kinds]
+            rendered |= {i: [per_kind[k][j] for k in range(3)] for j, i in enumerate(plain)}
+        for i, (row, kwargs) in enumerate(parsed):
+            if kwargs:
+                rendered[i] = [self._render([kind(row)], kwargs)[0] for kind in kinds]
+        return [rendered[i] for i in range(len(parsed))]
+
+    def _pair(self, source: Mapping[str, Any], rendering) -> dict[str, np.ndarray]:
+        (prompt, _), chosen, rejected = rendering
+        for field, (ids, _) in ((self.format.chosen_field, chosen), (self.format.rejected_field, rejected)):
             # the boundary is only known if the prompt tokenizes the same alone and inside the transcript
             if ids[: len(prompt)] != prompt or len(ids) == len(prompt):
                 raise PreferenceRowError(
-                    f"{describe_row(source)}: the chat template's tokens for the prompt alone are not a proper prefix "
-                    f"of its tokens for the {field!r} transcript, so the completion's first token is unknown"
+                    f"the chat template's tokens for the prompt alone are not a proper prefix of its tokens for the "
+                    f"{field!r} transcript, so the completion's first token is unknown"
                 )
-        return {
-            "chosen_input_ids": np.asarray(chosen_ids, dtype=np.int32),
-            "chosen_assistant_masks": np.asarray(chosen_mask, dtype=np.int32),
-            "rejected_input_ids": np.asarray(rejected_ids, dtype=np.int32),
-            "rejected_assistant_masks": np.asarray(rejected_mask, dtype=np.int32),
-            "prompt_length": np.asarray([len(prompt)], dtype=np.int32),
-            "drop": np.asarray([row.drop], dtype=np.int32),
-            "error": np.zeros((0,), dtype=np.uint8),
-        }
+        return build_pair(len(prompt), chosen, rejected, self.policy, self.tokenizer.decode)
 
     def __call__(self, batch: Sequence[dict]) -> Sequence[dict]:
-        out = []
-        for source in batch:
+        out: list[dict | None] = [None] * len(batch)
+        parsed: list[tuple[Any, dict]] = []
+        to_render: list[int] = []
+        for i, source in enumerate(batch):
             try:
-                out.append(self._process(source))
+                row = parse_preference_row(
+                    source,
+                    chosen_field=self.format.chosen_field,
+                    rejected_field=self.format.rejected_field,
+                    system_prompt_field=self.format.system_prompt,
+                    special_tokens=self.special_tokens,
+                )
+                kwargs = self._template_kwargs(source)
             except PreferenceRowError as e:
-                # kept as a row, so the data-set scan can name the source row index when it fails the run
-                out.append({**self.output_exemplar, "error": np.frombuffer(str(e).encode("utf-8"), dtype=np.uint8)})
-        return out
+                out[i] = cache_record(STATUS_ERROR, error=str(e))
+                continue
+            if row.drop:
+                out[i] = cache_record(int(row.drop))
+                continue
+            parsed.append((row, kwargs))
+            to_render.append(i)
+        try:
+            renderings = self._render_rows(parsed)
+        except jinja2.TemplateError:
+            # find the row the template fails on
+            renderings = []
+            for row, kwargs in parsed:
+                try:
+                    renderings.extend(self._render_rows([(row, kwargs)]))
+                except jinja2.TemplateError as e:
+                    renderings.append(e)
+        for i, rendering in zip(to_render, renderings):
+            source = batch[i]
+            try:
+                if isinstance(rendering, jinja2.TemplateError):
+                    raise PreferenceRowError(f"the chat template fails on it: {rendering}")
+                out[i] = self._pair(source, rendering)
+            except PreferenceRowError as e:
+                out[i] = cache_record(STATUS_ERROR, error=f"{describe_row(source)}: {e}")
+        return out  # type: ignore[return-value]
 
     @property
     def output_exemplar(self):
-        exemplar = {
-            name: np.zeros((0,), dtype=np.int32)
-            for name in (
-                "chosen_input_ids",
-                "chosen_assistant_masks",
-                "rejected_input_ids",
-                "rejected_assistant_masks",
-                "prompt_length",
-                "drop",
-            )
-        }
-        return {**exemplar, "error": np.zeros((0,), dtype=np.uint8)}
+        return cache_exemplar()
 
     @property
     def num_cpus(self) -> int:
@@ -196,38 +214,18 @@ class PromptCompletionProcessor(BatchProcessor[dict, dict]):
 
     @property
     def metadata(self) -> dict[str, Any]:
+        budget = self.policy.budget
         return {
             "format": "preference_prompt_completion",
             "tokenizer": self.tokenizer.name_or_path,
             "vocab_size": self.tokenizer.vocab_size,
             "chat_template": self.chat_template,
-            "chosen_field": self.chosen_field,
-            "rejected_field": self.rejected_field,
-            "system_prompt_field": self.system_prompt_field,
-            "chat_template_kwargs_field": self.chat_template_kwargs_field,
+            "chosen_field": self.format.chosen_field,
+            "rejected_field": self.format.rejected_field,
+            "system_prompt_field": self.format.system_prompt,
+            "chat_template_kwargs_field": self.format.chat_template_kwargs,
+            "completion_tokens": self.format.completion_tokens,
+            "max_length": budget.max_length if budget else None,
+            "max_prompt_length": budget.max_prompt_length if budget else None,
+            "truncation_mode": budget.mode if budget else None,
         }
-
-
-def pair_sides(
-    row: Mapping[str, np.ndarray], completion_tokens: CompletionTokens, *, eos_id: int | None
-) -> tuple[PairSide, PairSide]:
-    """The chosen and rejected sequences of a cached row, with their trained positions under a ``|y|``
-    definition, before any cut.
-
-    ``final_turn`` appends EOS to a completion that does not end with it, as the reference trainer does, and
-    trains the whole final turn; ``generation`` trains the final turn's ``{% generation %}`` span. Either way
-    earlier assistant turns are prompt (Levanter's chat format trains them too).
-    """
-    prompt_length = int(row["prompt_length"][0])
-
-    def side(prefix: str) -> PairSide:
-        tokens = np.asarray(row[f"{prefix}_input_ids"], dtype=np.int32)
-        completion = np.arange(len(tokens)) >= prompt_length
-        if completion_tokens == "generation":
-            return PairSide(tokens, completion & (np.asarray(row[f"{prefix}_assistant_masks"]) != 0), prompt_length)
-        if eos_id is not None and tokens[-1] != eos_id:
-            tokens = np.append(tokens, np.int32(eos_id))
-            completion = np.append(completion, True)
-        return PairSide(tokens, completion, prompt_length)
-
-    return side("chosen"), side("rejected")

@@ -9,14 +9,15 @@ final turns its ``y_w`` and ``y_l``.
 
 Malformed rows raise, because they mean the data set is not in this shape (every row would be wrong) or a
 field is broken in a way no drop would explain to a user. Rows that are well formed but useless are kept in
-the cache with a reason code and left out of training by the data-set scan, which counts and logs them by
+the cache with a reason code and left out of training; the data set counts and logs them by
 source row index (Levanter's ``PreferenceChatProcessor`` instead skips empty rows with a per-batch warning,
-which shifts every later row's index and leaves no count).
+which shifts every later row's index and leaves no count). The cache builder adds the drops that only show
+after tokenization and cuts (``levanter.data.text.preference_pair_build``).
 """
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,13 @@ class RowDrop(enum.IntEnum):
     EMPTY_COMPLETION = 1
     IDENTICAL_COMPLETIONS = 2
     CONTROL_CHARACTERS = 3
+    SPECIAL_TOKEN_TEXT = 4
+    """A message spells out a special token (``<|eot_id|>``, BOS, EOS): it would tokenize as the real token and
+    end or restart the sequence where the text only mentions it."""
+    NO_TRAINED_TOKENS = 5
+    """A completion with no trained token, e.g. ``completion_tokens: generation`` with the span cut away."""
+    IDENTICAL_AFTER_CUT = 6
+    """Both completions train on the same tokens once cut to the budget (e.g. both cut inside the header)."""
 
     @property
     def label(self) -> str:
@@ -50,6 +58,12 @@ class PreferenceRow:
     chosen: dict[str, Any]
     rejected: dict[str, Any]
     drop: RowDrop
+
+
+def special_token_pattern(tokens: Iterable[str | None]) -> re.Pattern | None:
+    """Matches any of ``tokens`` (a tokenizer's special tokens) written out in text."""
+    words = sorted({t for t in tokens if t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, words))) if words else None
 
 
 def describe_row(row: Mapping[str, Any]) -> str:
@@ -130,8 +144,11 @@ def parse_preference_row(
     chosen_field: str = "chosen",
     rejected_field: str = "rejected",
     system_prompt_field: str | None = None,
+    special_tokens: re.Pattern | None = None,
 ) -> PreferenceRow:
-    """Splits a row into its shared prompt and two completions; raises ``PreferenceRowError`` on a malformed row."""
+    """Splits a row into its shared prompt and two completions; raises ``PreferenceRowError`` on a malformed row.
+
+    ``special_tokens`` matches the tokenizer's special tokens written as text (``special_token_pattern``)."""
     if not isinstance(row, Mapping):
         raise PreferenceRowError(f"preference row is a {type(row).__name__}, not a mapping")
     chosen, rejected = _transcript(row, chosen_field), _transcript(row, rejected_field)
@@ -151,4 +168,8 @@ def parse_preference_row(
         drop = RowDrop.IDENTICAL_COMPLETIONS
     elif any(_CONTROL_CHARACTERS.search(m["content"]) for m in (*prompt, chosen_final, rejected_final)):
         drop = RowDrop.CONTROL_CHARACTERS
+    elif special_tokens is not None and any(
+        special_tokens.search(m["content"]) for m in (*prompt, chosen_final, rejected_final)
+    ):
+        drop = RowDrop.SPECIAL_TOKEN_TEXT
     return PreferenceRow(prompt=prompt, chosen=chosen_final, rejected=rejected_final, drop=drop)

@@ -1,0 +1,244 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""SimPO's training and held-out pairs from a ``PreferenceLmDataConfig``: per component, the cached pairs laid
+out in rows by the pair layout, the held-out split, the shuffle, and the weighted mixture of the components."""
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import fsspec
+import jax.random as jrandom
+import numpy as np
+from haliax import Axis
+from jaxtyping import PRNGKeyArray
+
+from levanter.data.dataset import AsyncDataset
+from levanter.data.mixture import MixtureDataset
+from levanter.data.text.datasets import BlockShuffleConfig, UrlDatasetSourceConfig
+from levanter.data.text.preference import PreferenceLmDataConfig, PreferencePairDataset
+from levanter.store.cache import TreeCache
+
+from .preference_cache import CachedPairs, open_cached_pairs
+from .preference_rows import PreferenceRowError
+from .preference_prompt_completion import PromptCompletionPreferenceFormat
+from .preference_shared_prompt import SharedPromptPairDataset
+from .preference_stats import PreferencePairStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRows:
+    """A split laid out in rows: the dataset of rows and how many training pairs each row holds."""
+
+    dataset: AsyncDataset
+    pairs_per_row: np.ndarray
+
+    def subset(self, rows: np.ndarray) -> "PairRows":
+        return PairRows(RowSubset(self.dataset, rows), self.pairs_per_row[rows])
+
+
+class RowSubset(AsyncDataset):
+    """Rows ``rows[0], rows[1], ...`` of a dataset."""
+
+    def __init__(self, dataset: AsyncDataset, rows: np.ndarray):
+        super().__init__()
+        self.dataset, self.rows = dataset, np.asarray(rows, dtype=np.int64)
+
+    async def async_len(self) -> int:
+        return len(self.rows)
+
+    def is_finite(self) -> bool:
+        return True
+
+    async def get_batch(self, indices: Sequence[int]):
+        return await self.dataset.get_batch([int(self.rows[i]) for i in indices])
+
+
+def preference_pair_rows(pairs: CachedPairs, Pos: Axis, max_pairs_per_row: int) -> PairRows:
+    """Levanter's ``PreferencePairDataset`` over the cache: one pair a row, or up to ``max_pairs_per_row``
+    consecutive pairs a row through its greedy prepacking (segment ids tell the pairs apart). Rows that hold no
+    training pair (dropped rows keep their place in the cache, with no tokens) are left out."""
+    dataset = PreferencePairDataset(pairs.pair_fields_view(), Pos, max_segments_per_example=max_pairs_per_row)
+    trains = pairs.trains
+    # the packer's plan: a range of cache rows per example
+    counts = np.array([int(trains[r.start : r.stop].sum()) for r in dataset.packed._pack_indices])
+    return PairRows(dataset, counts).subset(np.flatnonzero(counts))
+
+
+def shared_prompt_rows(pairs: CachedPairs, Pos: Axis, max_pairs_per_row: int) -> PairRows:
+    dataset = SharedPromptPairDataset(pairs, Pos, max_pairs_per_row)
+    return PairRows(dataset, np.array([len(r) for r in dataset.rows]))
+
+
+RowBuilder = Callable[[CachedPairs], PairRows]
+"""A pair layout's way of putting a split's pairs in rows."""
+
+
+def held_out_rows(pairs_per_row: np.ndarray, held_out_pairs: int) -> int:
+    """How many rows at the end hold at least ``held_out_pairs`` pairs (whole rows: a row is not split), leaving
+    at least one row to train on."""
+    if held_out_pairs <= 0:
+        return 0
+    from_end = np.cumsum(pairs_per_row[::-1])
+    return min(int(np.searchsorted(from_end, held_out_pairs)) + 1, len(pairs_per_row) - 1)
+
+
+def num_validation_pairs(total: int, fraction: float) -> int:
+    """Held-out pairs for a split fraction: at least one when the fraction is positive, never all of them."""
+    if fraction <= 0 or total <= 1:
+        return 0
+    return min(max(int(total * fraction), 1), total - 1)
+
+
+def training_weights(config: PreferenceLmDataConfig) -> dict[str, float] | list[tuple[int, dict[str, float]]]:
+    """The mixture weights of the components that train (all of them, equally, when none are given)."""
+    weights = config.train_weights
+    if weights is None:
+        return {name: 1.0 for name in config.components}
+    if isinstance(weights, dict):
+        return {name: w for name, w in weights.items() if w > 0}
+    return weights
+
+
+def _trained_components(weights) -> list[str]:
+    stages = [weights] if isinstance(weights, dict) else [stage for _, stage in weights]
+    return sorted({name for stage in stages for name, w in stage.items() if w > 0})
+
+
+def _first_undecodable_line(config: PreferenceLmDataConfig, split: str) -> tuple[str, int] | None:
+    """The first JSON-lines source line of ``split`` that is not UTF-8, as (file, 0-based line)."""
+    for component in config.components.values():
+        source = getattr(component, "source", None)
+        if not isinstance(source, UrlDatasetSourceConfig):
+            continue
+        for url in source.urls_for_split(split):
+            if ".json" not in url:
+                continue
+            for opened in fsspec.open_files(url, "rb", compression="infer"):
+                with opened as f:
+                    for index, line in enumerate(f):
+                        try:
+                            line.decode("utf-8")
+                        except UnicodeDecodeError:
+                            return opened.path, index
+    return None
+
+
+def build_caches(config: PreferenceLmDataConfig, split: str) -> dict[str, TreeCache]:
+    try:
+        return config.build_caches(split)
+    except Exception as e:
+        # Levanter's JSON-lines reader fails on undecodable bytes inside the cache builder's worker, with a
+        # message that names neither the file nor the row; find them before passing the failure on
+        if "UnicodeDecodeError" not in f"{type(e).__name__} {e}":
+            raise
+        located = _first_undecodable_line(config, split)
+        if located is None:
+            raise
+        raise PreferenceRowError(f"{split} file {located[0]}, row {located[1]}: the line is not valid UTF-8") from e
+
+
+def _shuffled(dataset: AsyncDataset, config: PreferenceLmDataConfig, key: PRNGKeyArray) -> AsyncDataset:
+    shuffle = config.shuffle
+    if isinstance(shuffle, BlockShuffleConfig):
+        return dataset.block_shuffle(
+            io_block_size=shuffle.io_block_size,
+            window_blocks=shuffle.window_blocks,
+            key=key,
+            perm_type=shuffle.perm_type,
+        )
+    if shuffle is True:
+        return dataset.shuffle(key, perm_type=config.permutation_type)
+    return dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSplits:
+    train: AsyncDataset
+    validation: dict[str, AsyncDataset]
+    stats: dict[str, PreferencePairStats]
+
+
+def _check_format(config: PreferenceLmDataConfig, name: str, seq_len: int) -> PromptCompletionPreferenceFormat:
+    format = config.components[name].format
+    if not isinstance(format, PromptCompletionPreferenceFormat):
+        raise ValueError(
+            f"Preference component {name!r} uses the {type(format).__name__} format; SimPO trains on "
+            "preference_prompt_completion data (the same rows and cache fields, with the reference trainer's |y|, "
+            "cuts and checks made when the cache is built): set `type: preference_prompt_completion`, and "
+            "`completion_tokens: generation` for Levanter's chat masks"
+        )
+    if format.max_length is not None and format.max_length > seq_len:
+        raise ValueError(
+            f"Preference component {name!r}: max_length {format.max_length} is longer than the training sequence "
+            f"length {seq_len}"
+        )
+    return format
+
+
+def _open(
+    config: PreferenceLmDataConfig, caches: dict[str, TreeCache], name: str, split: str, seq_len: int
+) -> CachedPairs:
+    """A component's cached pairs of a split, checked to fit in ``seq_len`` positions."""
+    cache = caches.get(name)
+    if cache is None:
+        raise ValueError(f"No {split} cache could be built for preference component {name!r}.")
+    format = _check_format(config, name, seq_len)
+    pairs = open_cached_pairs(cache, format, config.the_tokenizer, split=f"{split} {name}")
+    pairs.check_fits(seq_len)
+    return pairs
+
+
+def build_preference_splits(
+    config: PreferenceLmDataConfig,
+    rows_of: RowBuilder,
+    *,
+    seq_len: int,
+    key: PRNGKeyArray,
+    validation_split_fraction: float | None,
+) -> PreferenceSplits:
+    """Training rows (each component shuffled, then mixed by the configured weights) and held-out rows per
+    component: the last ``validation_split_fraction`` of each component's pairs, or its validation set when the
+    fraction is None. ``rows_of`` lays a split's pairs out in rows (the pair layout)."""
+    weights = training_weights(config)
+    names = _trained_components(weights)
+    for name in config.components:
+        _check_format(config, name, seq_len)  # before any cache is built
+    train_caches = build_caches(config, "train")
+    stats: dict[str, PreferencePairStats] = {}
+    train: dict[str, AsyncDataset] = {}
+    validation: dict[str, AsyncDataset] = {}
+    mix_key, *component_keys = jrandom.split(key, len(names) + 1)
+    shuffle_keys = dict(zip(names, component_keys))
+    for name in names:
+        pairs = _open(config, train_caches, name, "train", seq_len)
+        stats[f"train/{name}"] = pairs.stats()
+        rows = rows_of(pairs)
+        if validation_split_fraction is not None:
+            held_out = num_validation_pairs(int(rows.pairs_per_row.sum()), validation_split_fraction)
+            n = held_out_rows(rows.pairs_per_row, held_out)
+            if n:
+                everything = np.arange(len(rows.pairs_per_row))
+                validation[name] = rows.subset(everything[-n:]).dataset
+                held = int(rows.pairs_per_row[-n:].sum())
+                rows = rows.subset(everything[:-n])
+                logger.info(f"Holding out the last {held} of the {stats[f'train/{name}'].pairs} {name} pairs for validation.")
+        train[name] = _shuffled(rows.dataset, config, shuffle_keys[name])
+
+    if validation_split_fraction is None:
+        for name, cache in build_caches(config, "validation").items():
+            pairs = _open(config, {name: cache}, name, "validation", seq_len)
+            stats[f"validation/{name}"] = pairs.stats()
+            validation[name] = rows_of(pairs).dataset
+
+    mixture = MixtureDataset(
+        datasets=train,
+        weights=weights,
+        block_size=config.mixture_block_size,
+        key=mix_key,
+        stop_strategy=config.stop_strategy,
+    )
+    return PreferenceSplits(train=cast(AsyncDataset, mixture), validation=validation, stats=stats)

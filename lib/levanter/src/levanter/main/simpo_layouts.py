@@ -1,0 +1,217 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""Pair layouts: how SimPO's pairs fill the rows of a batch, and how each pair's log-probs come back out.
+
+- ``padded``: Levanter's ``PreferencePairDataset``, one pair a row pair (chosen row, rejected row);
+- ``packed``: the same dataset with up to ``max_pairs_per_row`` consecutive pairs a row pair, through its greedy
+  prepacking; segment ids keep the pairs apart in attention, and positions restart at each pair, so every
+  position embedding (rotary or absolute) sees what it would see for the pair alone;
+- ``shared_prompt``: one row of ``prompt, chosen, rejected`` per pair, several pairs a row
+  (``levanter.data.text.preference_shared_prompt``): the prompt runs once. Its attention needs an explicit mask
+  (the rejected completion sees the prompt, not the chosen one), which TPU's splash-attention kernel does not
+  take, so there it falls back to reference attention.
+
+A layout is chosen once from the config (``pair_layout``) and both builds the rows and reduces the model's
+per-position log-probs to per-pair sums and counts, with axes ``{preference_side, ..., pair_in_row}``. Log-probs
+never include a model's auxiliary loss (a mixture-of-experts router's); the layout returns it apart, and the
+loss adds it once.
+"""
+
+import abc
+import dataclasses
+import logging
+from typing import Literal
+
+import haliax as hax
+import jax
+import jax.numpy as jnp
+from haliax import Axis, NamedArray
+
+from levanter.data.text.preference import DpoExample
+from levanter.data.text.preference_cache import CachedPairs
+from levanter.data.text.preference_shared_prompt import CHOSEN, REJECTED, PrefixSharedPairs
+from levanter.data.text.preference_splits import PairRows, preference_pair_rows, shared_prompt_rows
+from levanter.layers.attention import AttentionMask
+from levanter.models.lm_model import LmExample, LmHeadModel, split_activations
+from levanter.models.loss import maybe_fused_next_token_loss
+
+logger = logging.getLogger(__name__)
+
+PairLayoutName = Literal["padded", "packed", "shared_prompt"]
+PAIR_LAYOUTS: tuple[str, ...] = ("padded", "packed", "shared_prompt")
+
+# chosen and rejected completions run through the model as one batch along this axis
+Side = Axis("preference_side", 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLogps:
+    """Per pair and side: the summed log-prob of the trained tokens and how many there are; plus the model's
+    auxiliary loss for the whole batch (0 for most models)."""
+
+    sum: NamedArray
+    count: NamedArray
+    aux_loss: jnp.ndarray | float
+
+
+def _per_pair_sum(values: NamedArray, pair_ids: NamedArray, Pairs: Axis, Pos: Axis) -> NamedArray:
+    # one-hot, then an elementwise sum: a dot here would run at the accelerator's reduced default precision
+    onehot = hax.nn.one_hot(pair_ids, Pairs, dtype=jnp.float32)  # -1 (padding) gives an all-zero row
+    return hax.sum(values.astype(jnp.float32) * onehot, axis=Pos)
+
+
+def _next_token_nll(model: LmHeadModel, activations: NamedArray, tokens: NamedArray, weight: NamedArray, Pos: Axis):
+    # per position t: -log p(token t+1), times weight[t]
+    return maybe_fused_next_token_loss(
+        Pos, model.Embed, model.Vocab, activations, model.get_lm_head(), tokens, loss_weight=weight, reduction=None,
+        reduction_axis=(),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLayout(abc.ABC):
+    name: str
+    max_pairs_per_row: int
+
+    @property
+    def Pairs(self) -> Axis:
+        return Axis("pair_in_row", self.max_pairs_per_row)
+
+    @property
+    @abc.abstractmethod
+    def sequences_per_row(self) -> int:
+        """Sequences of the training length one row of the dataset puts through the model."""
+
+    @abc.abstractmethod
+    def rows(self, pairs: CachedPairs, Pos: Axis) -> PairRows: ...
+
+    @abc.abstractmethod
+    def logps(self, model: LmHeadModel, example, *, key=None) -> PairLogps: ...
+
+
+def _stack_sides(example: DpoExample) -> LmExample:
+    return jax.tree.map(
+        lambda chosen, rejected: hax.stack(Side, [chosen, rejected]),
+        example.chosen,
+        example.rejected,
+        is_leaf=lambda x: isinstance(x, hax.NamedArray),
+    )
+
+
+def _fold_sides(tree, Batch: Axis):
+    """Side into the batch axis, batch-major, so each device's rows stay on it and the model sees an ordinary
+    batch (mixture-of-experts layers route tokens assuming ``batch, position``)."""
+
+    def fold(x):
+        if not isinstance(x, NamedArray) or Side.name not in x.axis_names:
+            return x
+        others = [a.name for a in x.axes if a.name not in (Batch.name, Side.name)]
+        return hax.flatten_axes(x.rearrange((Batch.name, Side.name, *others)), (Batch.name, Side.name), Batch.name)
+
+    return jax.tree.map(fold, tree, is_leaf=lambda x: isinstance(x, NamedArray))
+
+
+def _positions_within_segments(segment_ids: NamedArray, Pos: Axis) -> NamedArray:
+    """0, 1, ... from the first position of each segment (segments are contiguous runs of one id)."""
+    index = hax.arange(Pos, dtype=jnp.int32).broadcast_to(segment_ids.axes)
+    starts = (segment_ids != hax.roll(segment_ids, 1, Pos)) | (index == 0)
+    first = hax.where(starts, index, 0).rearrange(segment_ids.axes)
+    segment_start = jax.lax.cummax(first.array, axis=segment_ids.axes.index(Pos))
+    return index - hax.named(segment_start, segment_ids.axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentPackedPairs(PairLayout):
+    """``padded`` (one pair a row) and ``packed``: Levanter's ``PreferencePairDataset`` and its ``DpoExample``s."""
+
+    @property
+    def sequences_per_row(self) -> int:
+        return 2
+
+    def rows(self, pairs: CachedPairs, Pos: Axis) -> PairRows:
+        return preference_pair_rows(pairs, Pos, self.max_pairs_per_row)
+
+    def logps(self, model: LmHeadModel, example: DpoExample, *, key=None) -> PairLogps:
+        stacked = _stack_sides(example)
+        Pos = stacked.tokens.resolve_axis(model.Pos.name)
+        segment_ids = stacked.attn_mask.segment_ids[0]
+        # the packer numbers segments by cache row; renumber 0, 1, ... within each row
+        valid = segment_ids >= 0
+        first = hax.min(hax.where(valid, segment_ids, jnp.iinfo(jnp.int32).max), axis=Pos)
+        local = hax.where(valid, segment_ids - first, -1)
+        pos_ids = _positions_within_segments(segment_ids, Pos)
+        (Batch,) = [a for a in example.chosen.tokens.axes if a.name != Pos.name]
+        folded, folded_pos_ids = _fold_sides((stacked, pos_ids), Batch)
+        activations, aux_loss = split_activations(
+            model.activations(folded.tokens, folded.attn_mask, key=key, pos_ids=folded_pos_ids)
+        )
+        # back to the tokens' axis order: the fused loss pairs predictions with labels by position in the array
+        activations = hax.unflatten_axis(activations, Batch.name, (Batch, Side)).rearrange(
+            (*stacked.tokens.axes, model.Embed)
+        )
+        # the prediction at t of token t+1 belongs to t's segment: a pair's first token (BOS) is never trained,
+        # so no weight crosses into the next pair
+        nll = _next_token_nll(model, activations, stacked.tokens, stacked.loss_weight, Pos)
+        return PairLogps(
+            -_per_pair_sum(nll, local, self.Pairs, Pos), _per_pair_sum(stacked.loss_weight, local, self.Pairs, Pos),
+            aux_loss,
+        )
+
+
+def prefix_shared_attention(rows: PrefixSharedPairs, Pos: Axis) -> AttentionMask:
+    """Causal within a pair; the rejected completion sees the prompt but not the chosen completion."""
+    KPos = Pos.alias("key_position")
+    q_pair, k_pair = rows.pair_ids, rows.pair_ids.rename({Pos.name: KPos.name})
+    q_role, k_role = rows.roles, rows.roles.rename({Pos.name: KPos.name})
+    allowed = (q_pair.broadcast_axis(KPos) == k_pair) & ~((q_role == REJECTED).broadcast_axis(KPos) & (k_role == CHOSEN))
+    return AttentionMask(is_causal=True, explicit_mask=allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPromptPairs(PairLayout):
+    """``shared_prompt``: ``PrefixSharedPairs`` rows, one forward pass each."""
+
+    @property
+    def sequences_per_row(self) -> int:
+        return 1
+
+    def rows(self, pairs: CachedPairs, Pos: Axis) -> PairRows:
+        return shared_prompt_rows(pairs, Pos, self.max_pairs_per_row)
+
+    def logps(self, model: LmHeadModel, rows: PrefixSharedPairs, *, key=None) -> PairLogps:
+        Pos = rows.tokens.resolve_axis(model.Pos.name)
+        activations, aux_loss = split_activations(
+            model.activations(rows.tokens, prefix_shared_attention(rows, Pos), key=key, pos_ids=rows.pos_ids)
+        )
+        # the slot before the first rejected token takes the last prompt token's state (see PrefixSharedPairs)
+        h = activations.rearrange((..., Pos, model.Embed))
+        index = rows.predictor.rearrange(h.axes[:-1]).array
+        h = hax.named(jnp.take_along_axis(h.array, index[..., None], axis=-2), h.axes)
+        nll = _next_token_nll(model, h, rows.tokens, rows.chosen_weight + rows.rejected_weight, Pos)
+        weights = (rows.chosen_weight, rows.rejected_weight)
+        sums = [-_per_pair_sum(nll * w, rows.pair_ids, self.Pairs, Pos) for w in weights]
+        counts = [_per_pair_sum(w, rows.pair_ids, self.Pairs, Pos) for w in weights]
+        return PairLogps(hax.stack(Side, sums), hax.stack(Side, counts), aux_loss)
+
+
+def check_pair_layout(name: str, max_pairs_per_row: int) -> None:
+    if name not in PAIR_LAYOUTS:
+        raise ValueError(f"pair_layout must be one of {', '.join(PAIR_LAYOUTS)}, got {name!r}")
+    if max_pairs_per_row < 1:
+        raise ValueError(f"max_pairs_per_row must be at least 1, got {max_pairs_per_row}")
+
+
+def pair_layout(name: str, max_pairs_per_row: int) -> PairLayout:
+    """The layout a config names; ``max_pairs_per_row`` is unused by ``padded``."""
+    check_pair_layout(name, max_pairs_per_row)
+    if name == "padded":
+        return SegmentPackedPairs(name, 1)
+    if name == "packed":
+        return SegmentPackedPairs(name, max_pairs_per_row)
+    if jax.default_backend() == "tpu":
+        logger.warning(
+            "pair_layout shared_prompt needs an explicit attention mask, which Levanter's TPU splash-attention "
+            "kernel does not take: attention falls back to the reference implementation, which can make it slower "
+            "than pair_layout packed on TPU"
+        )
+    return SharedPromptPairs(name, max_pairs_per_row)
