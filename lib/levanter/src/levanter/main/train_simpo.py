@@ -34,6 +34,7 @@ from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.data.text.preference_packing import PrefixSharedPairs
 from levanter.data.text.preference_pairs import PAIR_LAYOUTS, PairLayout, build_preference_splits
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
+from levanter.main import simpo_plot
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_packing import pairs_axis, packed_logp_sums_and_counts, prefix_shared_logp_sums_and_counts
 from levanter.metrics import Metric, ReductionType
@@ -332,6 +333,8 @@ def main(config: TrainSimpoConfig):
         config = dataclasses.replace(config, model=model_context.model)
 
     levanter.trainer.initialize(config)
+    # every step's metrics to the run directory and a loss/accuracy progress line, whatever the trackers
+    run_dir = simpo_plot.record_run(config.trainer)
     optimizer = config.optimizer.build(config.trainer.num_train_steps)
 
     # the padded layout's DpoExamples hold one pair per row; the others up to max_pairs_per_row
@@ -479,6 +482,7 @@ def main(config: TrainSimpoConfig):
         summary = evaluator.summary()
         logger.info(summary)
         print(summary, flush=True)
+    simpo_plot.write_run_picture(run_dir)
     trainer.tracker.finish()
 
 
