@@ -6,7 +6,8 @@ log-probs over steps, from the run's own metrics, whatever trackers the run is c
 ``record_run`` adds two trackers next to the configured ones: one appends every step's metrics as JSON lines to
 ``<trainer.log_dir>/<run id>/simpo_metrics.jsonl`` (Levanter's directory for the run's artifacts; appending keeps
 the history of a resumed run), the other logs a progress line with the current loss and accuracy, which Levanter's
-progress bar leaves out. ``write_run_picture`` draws ``simpo_run.png`` beside that file at the end of a run;
+progress bar leaves out. ``write_run_picture`` draws ``simpo_run.png`` beside that file at the end of a run
+(training series per step and as a running mean, held-out ones at each evaluation);
 ``python -m levanter.main.simpo_plot RUN_DIR`` draws it again for any run directory holding the history.
 """
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on training hosts
 import matplotlib.pyplot as plt  # noqa: E402
@@ -166,6 +168,11 @@ def _panel_series(series: Mapping[str, dict[int, float]], metric: str) -> list[s
     return train + sorted(name for name in series if held_out(name))
 
 
+def _running_mean(values: list[float], window: int) -> np.ndarray:
+    # the per-step training metrics of one batch are noisy; the trend is what the picture is for
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
 def plot_series(series: Mapping[str, dict[int, float]], out: Path, title: str) -> list[str]:
     """Draws the panels into ``out`` (PNG); returns the names of the series drawn."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
@@ -176,7 +183,10 @@ def plot_series(series: Mapping[str, dict[int, float]], out: Path, title: str) -
                 steps = sorted(series[name])
                 values = [series[name][s] for s in steps]
                 if name.startswith("train/"):
-                    ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.45, label=name)
+                    ax.plot(steps, values, color=color, linewidth=0.6, alpha=0.3)
+                    window = max(1, len(values) // 30)
+                    label = name if window == 1 else f"{name} (mean of {window} steps)"
+                    ax.plot(steps[window - 1 :], _running_mean(values, window), color=color, linewidth=1, label=label)
                 else:
                     ax.plot(steps, values, color=color, marker="o", linewidth=1.8, label=name)
                 drawn.append(name)
