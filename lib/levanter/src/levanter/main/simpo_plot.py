@@ -14,7 +14,6 @@ progress bar leaves out. ``write_run_picture`` draws ``simpo_run.png`` beside th
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
@@ -86,11 +85,14 @@ class MetricHistory(Tracker):
         pass
 
 
+_PROGRESS = ("train/loss", "train/rewards/accuracies", "train/rewards/margins")
+
+
 class ProgressLine(Tracker):
-    """Logs ``SimPO step s/T: loss L, accuracy A`` about twenty times a run and at its last step.
+    """Logs ``SimPO step s/T: loss L, accuracy A, margin M`` about twenty times a run and at its last step.
 
     The loss and the loss function's metrics of a step reach the trackers in separate calls (Levanter's step-info
-    hook, then the trainer); the line waits until it has both.
+    hook, then the trainer); the line waits until it has all three.
     """
 
     name: str = "simpo_progress_line"
@@ -108,14 +110,11 @@ class ProgressLine(Tracker):
         if step != self._step:
             self._step, self._seen, self._done = step, {}, False
         self._seen.update(_scalars(metrics))
-        if self._done or "train/loss" not in self._seen or "train/rewards/accuracies" not in self._seen:
+        if self._done or any(name not in self._seen for name in _PROGRESS):
             return
         self._done = True
-        logger.info(
-            f"SimPO step {step}/{self._total}: loss {self._seen['train/loss']:.4f}, "
-            f"accuracy {self._seen['train/rewards/accuracies']:.3f}, "
-            f"margin {self._seen.get('train/rewards/margins', math.nan):.3f}"
-        )
+        loss, accuracy, margin = (self._seen[name] for name in _PROGRESS)
+        logger.info(f"SimPO step {step}/{self._total}: loss {loss:.4f}, accuracy {accuracy:.3f}, margin {margin:.3f}")
 
     def log_hyperparameters(self, hparams: dict[str, Any]):
         pass
@@ -137,11 +136,9 @@ def record_run(trainer: "TrainerConfig") -> Path:
     ours: list[Tracker] = [ProgressLine(trainer.num_train_steps)]
     if jax.process_index() == 0:
         ours.append(MetricHistory(directory / HISTORY_FILE))
-    current = levanter.tracker.current_tracker()
-    if isinstance(current, CompositeTracker):
-        current.loggers.extend(ours)
-    else:
-        levanter.tracker.set_global_tracker(CompositeTracker([current, *ours]))
+    tracker = levanter.tracker.current_tracker()
+    assert isinstance(tracker, CompositeTracker), "levanter.trainer.initialize sets a CompositeTracker"
+    tracker.loggers.extend(ours)
     return directory
 
 
