@@ -35,6 +35,7 @@ from levanter.data.text.preference_shared_prompt import PrefixSharedPairs
 from levanter.data.text.preference_splits import build_preference_splits
 from levanter.data.text.preference_stats import write_pair_stats
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
+from levanter.main import simpo_plot
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_layouts import PairLayout, PairLayoutName, Side, check_pair_layout, pair_layout
 from levanter.metrics import Metric, ReductionType
@@ -303,6 +304,8 @@ def main(config: TrainSimpoConfig):
         config = dataclasses.replace(config, model=model_context.model)
 
     levanter.trainer.initialize(config)
+    # every step's metrics to the run directory and a loss/accuracy progress line, whatever the trackers
+    run_dir = simpo_plot.record_run(config.trainer)
     optimizer = config.optimizer.build(config.trainer.num_train_steps)
 
     layout = pair_layout(config.pair_layout, config.max_pairs_per_row)
@@ -451,6 +454,7 @@ def main(config: TrainSimpoConfig):
         summary = evaluator.summary()
         logger.info(summary)
         print(summary, flush=True)
+    simpo_plot.write_run_picture(run_dir)
     trainer.tracker.finish()
 
 

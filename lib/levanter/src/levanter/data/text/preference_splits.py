@@ -8,7 +8,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import cast
 
-import fsspec
 import jax.random as jrandom
 import numpy as np
 from haliax import Axis
@@ -16,14 +15,14 @@ from jaxtyping import PRNGKeyArray
 
 from levanter.data.dataset import AsyncDataset
 from levanter.data.mixture import MixtureDataset
-from levanter.data.text.datasets import BlockShuffleConfig, UrlDatasetSourceConfig
+from levanter.data.text.datasets import BlockShuffleConfig
 from levanter.data.text.preference import PreferenceLmDataConfig, PreferencePairDataset
 from levanter.store.cache import TreeCache
 
 from .preference_cache import CachedPairs, open_cached_pairs
-from .preference_rows import PreferenceRowError
 from .preference_prompt_completion import PromptCompletionPreferenceFormat
 from .preference_shared_prompt import SharedPromptPairDataset
+from .preference_sources import build_caches_naming_bad_lines
 from .preference_stats import PreferencePairStats
 
 logger = logging.getLogger(__name__)
@@ -108,39 +107,6 @@ def _trained_components(weights) -> list[str]:
     return sorted({name for stage in stages for name, w in stage.items() if w > 0})
 
 
-def _first_undecodable_line(config: PreferenceLmDataConfig, split: str) -> tuple[str, int] | None:
-    """The first JSON-lines source line of ``split`` that is not UTF-8, as (file, 0-based line)."""
-    for component in config.components.values():
-        source = getattr(component, "source", None)
-        if not isinstance(source, UrlDatasetSourceConfig):
-            continue
-        for url in source.urls_for_split(split):
-            if ".json" not in url:
-                continue
-            for opened in fsspec.open_files(url, "rb", compression="infer"):
-                with opened as f:
-                    for index, line in enumerate(f):
-                        try:
-                            line.decode("utf-8")
-                        except UnicodeDecodeError:
-                            return opened.path, index
-    return None
-
-
-def build_caches(config: PreferenceLmDataConfig, split: str) -> dict[str, TreeCache]:
-    try:
-        return config.build_caches(split)
-    except Exception as e:
-        # Levanter's JSON-lines reader fails on undecodable bytes inside the cache builder's worker, with a
-        # message that names neither the file nor the row; find them before passing the failure on
-        if "UnicodeDecodeError" not in f"{type(e).__name__} {e}":
-            raise
-        located = _first_undecodable_line(config, split)
-        if located is None:
-            raise
-        raise PreferenceRowError(f"{split} file {located[0]}, row {located[1]}: the line is not valid UTF-8") from e
-
-
 def _shuffled(dataset: AsyncDataset, config: PreferenceLmDataConfig, key: PRNGKeyArray) -> AsyncDataset:
     shuffle = config.shuffle
     if isinstance(shuffle, BlockShuffleConfig):
@@ -207,7 +173,7 @@ def build_preference_splits(
     names = _trained_components(weights)
     for name in config.components:
         _check_format(config, name, seq_len)  # before any cache is built
-    train_caches = build_caches(config, "train")
+    train_caches = build_caches_naming_bad_lines(config, "train")
     stats: dict[str, PreferencePairStats] = {}
     train: dict[str, AsyncDataset] = {}
     validation: dict[str, AsyncDataset] = {}
@@ -229,7 +195,7 @@ def build_preference_splits(
         train[name] = _shuffled(rows.dataset, config, shuffle_keys[name])
 
     if validation_split_fraction is None:
-        for name, cache in build_caches(config, "validation").items():
+        for name, cache in build_caches_naming_bad_lines(config, "validation").items():
             pairs = _open(config, {name: cache}, name, "validation", seq_len)
             stats[f"validation/{name}"] = pairs.stats()
             validation[name] = rows_of(pairs).dataset
