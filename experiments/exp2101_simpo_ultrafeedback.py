@@ -8,7 +8,16 @@ warmup, one epoch over ``train_prefs``; ``test_prefs`` is the evaluation set.
 
     uv run python -m experiments.exp2101_simpo_ultrafeedback --version dev          # print the plan
     uv run python -m experiments.exp2101_simpo_ultrafeedback --version dev --run    # build it
+
+``uv run python experiments/exp2101_simpo_ultrafeedback.py ...`` works the same.
 """
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # run as a file, Python puts experiments/ on the path rather than the repository root that `-m` uses
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fray.types import ResourceConfig
 from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig

@@ -5,6 +5,9 @@
 import dataclasses
 import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import draccus
 import jmp
@@ -91,3 +94,17 @@ def test_train_config_round_trips_through_draccus_with_the_presets(simpo_step):
     train_prefs, test_prefs = simpo_step.deps
     assert data.train_weights == {train_prefs.name: 1.0, test_prefs.name: 0.0}
     assert (data.shuffle, data.permutation_type) == (True, "feistel")
+
+
+@pytest.mark.parametrize(
+    "invocation",
+    [["experiments/exp2101_simpo_ultrafeedback.py"], ["-m", "experiments.exp2101_simpo_ultrafeedback"]],
+    ids=["file", "module"],
+)
+def test_the_experiment_runs_as_a_file_and_as_a_module(invocation):
+    repo = Path(__file__).resolve().parents[3]
+    result = subprocess.run(
+        [sys.executable, *invocation, "--help"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--version TEXT" in result.stdout and "--run" in result.stdout
