@@ -12,7 +12,7 @@ from pathlib import Path
 import draccus
 import jmp
 import pytest
-from levanter.data.text.preference import PreferenceChatLmDatasetFormat
+from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments import exp2101_simpo_ultrafeedback as exp
@@ -54,9 +54,9 @@ def test_graph_downloads_then_tokenizes_both_splits_with_the_llama3_template(sim
     assert test_tokenize.validation_paths == [f"{download.name}@{download.version}/data/test_prefs-*.parquet"]
     for config in (train_tokenize, test_tokenize):
         assert config.tokenizer == exp.SFT_MODEL
-        assert isinstance(config.format, PreferenceChatLmDatasetFormat)
+        assert isinstance(config.format, PromptCompletionPreferenceFormat)
         assert config.format.chat_template == exp.LLAMA3_CHAT_TEMPLATE
-        assert "{%- generation %}" in config.format.chat_template
+        assert "<|eot_id|>{% endgeneration %}" in config.format.chat_template
 
 
 def test_train_config_round_trips_through_draccus_with_the_presets(simpo_step):
