@@ -90,7 +90,7 @@ def build() -> ArtifactStep[LevanterCheckpoint]:
         recipe.model,
         simpo_config,
         validation=[test_prefs],
-        tags=["ultrafeedback", "llama3", "dpo"],
+        tags=recipe.trainer.tracker.tags,
     )
 
 
