@@ -285,6 +285,7 @@ def default_simpo(
             validation_split_fraction=simpo_config.validation_split_fraction,
             hf_save_steps=simpo_config.steps_per_hf_export,
             hf_save_dtype=simpo_config.hf_save_dtype,
+            hf_generation_eos_token_ids=simpo_config.hf_generation_eos_token_ids,
         )
         return TrainSimpoOnPodConfig(
             train_config=train_config,

@@ -77,6 +77,9 @@ class SimpleSimPOConfig:
     steps_per_hf_export: int | None = 500
     """HF-format exports under ``<output>/hf``; None exports nothing."""
     hf_save_dtype: str | None = None
+    hf_generation_eos_token_ids: list[int] | None = None
+    """Tokens that stop generation in the exports' generation_config.json; None takes the chat template's
+    end-of-turn token(s) and EOS."""
     seed: int = 0
 
     def __post_init__(self):

@@ -34,6 +34,7 @@ from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.data.text.preference_packing import PrefixSharedPairs
 from levanter.data.text.preference_pairs import PAIR_LAYOUTS, PairLayout, build_preference_splits
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
+from levanter.main.simpo_export import export_tokenizer, generation_eos_token_ids
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_packing import pairs_axis, packed_logp_sums_and_counts, prefix_shared_logp_sums_and_counts
 from levanter.metrics import Metric, ReductionType
@@ -91,6 +92,8 @@ class TrainSimpoConfig:
     hf_save_steps: int | None = 10000
     hf_save_dtype: Optional[str] = None
     hf_generation_eos_token_ids: Optional[list[int]] = None
+    """Tokens that stop generation in the export's generation_config.json; None takes the chat template's
+    end-of-turn token(s) and EOS."""
     peft_save_path: Optional[str] = None
     peft_hf_upload: bool | str = False
     merged_hf_save_path: Optional[str] = None
@@ -445,16 +448,22 @@ def main(config: TrainSimpoConfig):
         else:
             logger.warning("No held-out preference pairs: training without evaluation.")
 
+        # exports carry the chat template the pairs were rendered with and stop at its end of turn, for serving
+        served_tokenizer = export_tokenizer(config.data, tokenizer)
+        eos_token_ids = generation_eos_token_ids(served_tokenizer, config.hf_generation_eos_token_ids)
+        converter = model_context.converter
+        if converter is not None:
+            converter = converter.replaced(tokenizer=served_tokenizer)  # HF exports save the converter's tokenizer
         config.adapter.install_export_hooks(
             trainer=trainer,
-            converter=model_context.converter,
-            tokenizer=tokenizer,
+            converter=converter,
+            tokenizer=served_tokenizer,
             export=AdaptorExportConfig(
                 hf_save_path=config.hf_save_path,
                 hf_upload=config.hf_upload,
                 hf_save_steps=config.hf_save_steps,
                 hf_save_dtype=config.hf_save_dtype,
-                generation_config=build_generation_config(tokenizer, config.hf_generation_eos_token_ids),
+                generation_config=build_generation_config(served_tokenizer, eos_token_ids),
                 peft_save_path=config.peft_save_path,
                 peft_hf_upload=config.peft_hf_upload,
                 merged_hf_save_path=config.merged_hf_save_path,
