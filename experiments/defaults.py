@@ -15,6 +15,7 @@ from datetime import timedelta
 import jmp
 from fray.types import GpuConfig, ResourceConfig
 from haliax.partitioning import ResourceAxis
+from levanter.adaptor import NoAdaptorConfig
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
@@ -192,6 +193,15 @@ def _initialize_from_hf(config: SimpleSimPOConfig) -> bool | str:
     return config.model_name_or_path
 
 
+def _check_lengths(name: str, model_config: LmConfig, config: SimpleSimPOConfig) -> None:
+    """Fail the graph build, not the pod, when the sequences cannot fit the model or the budgets cannot fit them."""
+    if config.max_seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"{name}: max_seq_len {config.max_seq_len} is longer than the model's max_seq_len {model_config.max_seq_len}"
+        )
+    _training_format(config, PromptCompletionPreferenceFormat())  # raises when max_prompt_length leaves no room
+
+
 def _run_tags(tags: Sequence[str]) -> list[str]:
     if any(tag.lower() == _FORBIDDEN_RUN_TAG for tag in tags):
         raise ValueError(f"Tag SimPO runs {PREFERENCE_RUN_TAG!r}, not {_FORBIDDEN_RUN_TAG!r} (legacy convention)")
@@ -242,13 +252,20 @@ def default_simpo(
         )
     run_tags = _run_tags(tags)
     initialize_from_hf = _initialize_from_hf(simpo_config)
+    _check_lengths(name, model_config, simpo_config)
 
     def build_config(ctx: StepContext) -> TrainSimpoOnPodConfig:
         train_config = TrainSimpoConfig(
             data=_preference_data(ctx, tokenized, validation, simpo_config),
             trainer=TrainerConfig(
                 id=run_id,
-                tracker=WandbConfig(project=simpo_config.wandb_project, tags=run_tags, replicate_path=ctx.output_path),
+                tracker=WandbConfig(
+                    project=simpo_config.wandb_project,
+                    name=simpo_config.wandb_name or run_id,
+                    group=simpo_config.wandb_group,
+                    tags=run_tags,
+                    replicate_path=ctx.output_path,
+                ),
                 mp=jmp.get_policy(MARIN_PRECISION),
                 train_batch_size=simpo_config.train_batch_size,
                 num_train_steps=_num_train_steps(ctx, tokenized, simpo_config),
@@ -262,6 +279,7 @@ def default_simpo(
                 seed=simpo_config.seed,
             ),
             model=model_config,
+            adapter=simpo_config.lora if simpo_config.lora is not None else NoAdaptorConfig(),
             train_seq_len=simpo_config.max_seq_len,
             optimizer=AdamConfig(
                 learning_rate=simpo_config.learning_rate,
@@ -283,6 +301,7 @@ def default_simpo(
             use_hf_model_config=simpo_config.use_hf_model_config,
             initialize_from_checkpoint_path=simpo_config.initialize_from_checkpoint_path,
             validation_split_fraction=simpo_config.validation_split_fraction,
+            run_initial_eval=simpo_config.run_initial_eval,
             hf_save_steps=simpo_config.steps_per_hf_export,
             hf_save_dtype=simpo_config.hf_save_dtype,
             hf_generation_eos_token_ids=simpo_config.hf_generation_eos_token_ids,

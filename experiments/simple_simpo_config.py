@@ -10,6 +10,7 @@ decay after 10% warmup); the loss variants (hinge, label smoothing, SFT term) ar
 from dataclasses import dataclass
 
 from fray.types import ResourceConfig
+from levanter.adaptor import LoraAdaptorConfig
 from levanter.data.text.preference_prompt_completion import CompletionTokens
 from levanter.data.text.preference_truncation import TruncationMode
 from levanter.main.train_simpo import LossType, TrainSimpoConfig
@@ -37,6 +38,9 @@ class SimpleSimPOConfig:
     sft_weight: float = 0.0
 
     wandb_project: str = "marin"
+    wandb_name: str | None = None
+    """The W&B run's display name; None uses the run id."""
+    wandb_group: str | None = None
     tokenizer: str | None = None
     """The tokenizer the run expects; checked against the one the preference caches were built with.
     None takes the caches' tokenizer."""
@@ -48,6 +52,8 @@ class SimpleSimPOConfig:
     """A Levanter checkpoint to start from instead of an HF one."""
     use_hf_model_config: bool = False
     """Take the architecture from the HF checkpoint's config rather than the model config given."""
+    lora: LoraAdaptorConfig | None = None
+    """Train LoRA adapters on a frozen base instead of every weight; exports are then PEFT adapters."""
 
     max_seq_len: int = 2048
     """Tokens per chosen or rejected sequence (the reference's ``max_length``); longer pairs are cut to it."""
@@ -72,6 +78,8 @@ class SimpleSimPOConfig:
     """Hold out this fraction of the training pairs for evaluation; None evaluates on the validation caches."""
 
     steps_per_eval: int = 1000
+    run_initial_eval: bool = True
+    """Evaluate the starting model before the first step (logged at step 0)."""
     steps_per_checkpoint: int = 1000
     """Permanent checkpoints; rolling ones for preemption are taken every 10 minutes regardless."""
     steps_per_hf_export: int | None = 500
@@ -127,6 +135,7 @@ class SimpleSimPOConfig:
             truncation_mode=data_format.truncation_mode,
             validation_split_fraction=config.validation_split_fraction,
             steps_per_eval=config.trainer.steps_per_eval,
+            run_initial_eval=config.run_initial_eval,
             tokenizer=config.data.tokenizer,
             model_name_or_path=config.initialize_from_hf,
             use_hf_model_config=config.use_hf_model_config,

@@ -38,6 +38,7 @@ INTENDED_DIFFERENCES = {
     "it built (checked below)",
     "trainer.id": "run id: exp2101's comes from its step path",
     "trainer.tracker.replicate_path": "Marin copies tracker metrics into the step's output",
+    "trainer.tracker.name": "W&B display name: the run id on Marin",
     "trainer.checkpointer.base_path": "output path",
     "trainer.checkpointer.append_run_id_to_base_path": "Marin's output path already names the run",
     "trainer.checkpointer.temporary_base_path": "output path",

@@ -100,6 +100,8 @@ class TrainSimpoConfig:
     merged_hf_upload: Optional[str] = None
 
     data_seed: Optional[int] = None
+    run_initial_eval: bool = False
+    """Evaluate the held-out pairs once before the first step (logged at step 0), as train_dpo can."""
 
 
 def validate_config(config: TrainSimpoConfig) -> None:
@@ -477,6 +479,10 @@ def main(config: TrainSimpoConfig):
         guard = NonFiniteGuard(trainer.config.batch_schedule)
         if config.trainer.crash_on_nan or config.trainer.crash_on_inf:
             trainer.add_hook(guard, every=1)
+        if config.run_initial_eval and evaluator is not None and state.step == 0:
+            logger.info("Evaluating the starting model on the held-out pairs.")
+            # StepInfo reports the step before state.step, so this logs at step 0, as train_dpo does
+            evaluator(StepInfo(dataclasses.replace(state, step=1), 0.0, 0.0))
         train_loader = guard.track(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
         with guard.reporting():
             trainer.train(state, train_loader)
