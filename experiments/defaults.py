@@ -25,6 +25,8 @@ from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.models.lm_model import LmConfig
 from levanter.optim.config import AdamConfig
 from levanter.schedule import BatchSchedule
+from levanter.store.cache import CacheLedger, CacheMetadata
+from levanter.tokenizers import load_tokenizer
 from levanter.tracker.wandb import WandbConfig
 from levanter.trainer import TrainerConfig
 from levanter.utils.mesh import MeshConfig
@@ -39,6 +41,7 @@ from marin.experiment.namespacing import user_namespaced_name
 from marin.experiment.train import MARIN_PRECISION
 from marin.processing.tokenize.cache_stats import read_tokenized_cache_stats
 from marin.processing.tokenize.tokenize import TokenizeConfig, TokenizedCache, tokenize
+from rigging.filesystem.storage_path import prefix_join
 from marin.training.simpo import TrainSimpoOnPodConfig, run_levanter_train_simpo
 from marin.training.training import LevanterCheckpoint, resolve_training_env
 
@@ -64,6 +67,18 @@ class TokenizedPreferenceCache(TokenizedCache):
         kind = PromptCompletionPreferenceFormat if "completion_tokens" in recorded else PreferenceChatLmDatasetFormat
         fields = {f.name for f in dataclasses.fields(kind)}
         return kind(**{k: v for k, v in recorded.items() if k in fields})
+
+
+def _tokenize_preferences(config: TokenizeConfig) -> None:
+    """Marin's tokenize, then the preprocessor's settings written into each split's cache ledger, where Levanter
+    records them when it builds a cache: training checks them against its data format before reading pairs."""
+    tokenize(config)
+    metadata = config.format.build_preprocessor(load_tokenizer(config.tokenizer)).metadata
+    for split, inputs in (("train", config.train_paths), ("validation", config.validation_paths)):
+        if inputs:
+            cache_dir = prefix_join(config.cache_path, split)
+            ledger = CacheLedger.load(cache_dir)
+            dataclasses.replace(ledger, metadata=CacheMetadata(metadata))._serialize_and_commit(cache_dir)
 
 
 def default_preference_tokenize(
@@ -108,16 +123,16 @@ def default_preference_tokenize(
         name=name,
         version=version,
         artifact_type=TokenizedPreferenceCache,
-        run=remote(tokenize, resources=resources) if resources is not None else tokenize,
+        run=remote(_tokenize_preferences, resources=resources) if resources is not None else _tokenize_preferences,
         build_config=build_config,
         deps=(raw,) if raw is not None else (),
     )
 
 
-def _training_format(config: SimpleSimPOConfig, recorded: PreferenceChatLmDatasetFormat) -> PreferenceChatLmDatasetFormat:
+def _training_format(
+    config: SimpleSimPOConfig, recorded: PromptCompletionPreferenceFormat
+) -> PromptCompletionPreferenceFormat:
     """The cache's recorded format with the run's |y| definition and truncation budgets."""
-    if not isinstance(recorded, PromptCompletionPreferenceFormat):
-        return recorded  # a preference_chat cache (tokenized before the switch) has no prompt boundary to cut at
     return dataclasses.replace(
         recorded,
         completion_tokens=config.completion_tokens,
@@ -127,7 +142,13 @@ def _training_format(config: SimpleSimPOConfig, recorded: PreferenceChatLmDatase
     )
 
 
-def _with_training_format(component: DatasetComponent, config: SimpleSimPOConfig) -> DatasetComponent:
+def _with_training_format(name: str, component: DatasetComponent, config: SimpleSimPOConfig) -> DatasetComponent:
+    if not isinstance(component.format, PromptCompletionPreferenceFormat):
+        # its |y| and cuts would differ from the Levanter YAMLs', and the run's budgets could not apply
+        raise ValueError(
+            f"preference cache {name!r} is a {type(component.format).__name__} cache with no prompt boundary; "
+            "re-tokenize it with default_preference_tokenize under a new version"
+        )
     data_format = _training_format(config, component.format)
     source = dataclasses.replace(component.source, format=data_format) if component.source is not None else None
     return dataclasses.replace(component, source=source, format=data_format)
@@ -162,7 +183,7 @@ def _preference_data(
     data = PreferenceLmDataConfig.from_lm_data_config(mixture(ctx, {train: 1.0}, validation=validation, shuffle=True))
     if expected_tokenizer is not None and data.tokenizer != expected_tokenizer:
         raise ValueError(f"The preference caches were tokenized with {data.tokenizer}, not {expected_tokenizer}")
-    components = {name: _with_training_format(c, config) for name, c in data.components.items()}
+    components = {name: _with_training_format(name, c, config) for name, c in data.components.items()}
     return dataclasses.replace(data, components=components)
 
 

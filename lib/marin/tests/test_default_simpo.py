@@ -110,3 +110,17 @@ def test_the_run_carries_the_reference_adam_and_pair_budgets():
         "final_turn", 512, 400, "keep_start"
     )
     assert config.run_initial_eval is True
+
+
+def test_a_preference_chat_cache_is_refused_by_name():
+    from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
+    from levanter.data.text.preference import PreferenceChatLmDatasetFormat
+
+    from experiments import defaults
+
+    old = PreferenceChatLmDatasetFormat()
+    source = UrlDatasetSourceConfig(tags=[], train_urls=[], validation_urls=[], cache_dir="/c", format=old)
+    component = DatasetComponent(source=source, cache_dir="/c", format=old, tags=[])
+    config = SimpleSimPOConfig(resources=ResourceConfig.with_cpu(), num_train_steps=10)
+    with pytest.raises(ValueError, match="'tokenized/old' is a PreferenceChatLmDatasetFormat cache"):
+        defaults._with_training_format("tokenized/old", component, config)
