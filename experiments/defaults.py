@@ -15,14 +15,18 @@ from datetime import timedelta
 import jmp
 from fray.types import GpuConfig, ResourceConfig
 from haliax.partitioning import ResourceAxis
+from levanter.adaptor import NoAdaptorConfig
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
+from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.text.preference_splits import num_validation_pairs
 from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.models.lm_model import LmConfig
 from levanter.optim.config import AdamConfig
 from levanter.schedule import BatchSchedule
+from levanter.store.cache import CacheLedger, CacheMetadata
+from levanter.tokenizers import load_tokenizer
 from levanter.tracker.wandb import WandbConfig
 from levanter.trainer import TrainerConfig
 from levanter.utils.mesh import MeshConfig
@@ -37,6 +41,7 @@ from marin.experiment.namespacing import user_namespaced_name
 from marin.experiment.train import MARIN_PRECISION
 from marin.processing.tokenize.cache_stats import read_tokenized_cache_stats
 from marin.processing.tokenize.tokenize import TokenizeConfig, TokenizedCache, tokenize
+from rigging.filesystem.storage_path import prefix_join
 from marin.training.simpo import TrainSimpoOnPodConfig, run_levanter_train_simpo
 from marin.training.training import LevanterCheckpoint, resolve_training_env
 
@@ -53,13 +58,27 @@ _RESUMPTION_INTERVAL = timedelta(minutes=10)
 
 class TokenizedPreferenceCache(TokenizedCache):
     """A tokenized cache of chosen/rejected pairs. Unlike Marin's text caches, its format is the recorded
-    ``preference_chat`` format, so the chat template and masking it was built with travel to training."""
+    preference format, so the chat template and fields it was built with travel to training."""
 
     @property
     def format(self) -> PreferenceChatLmDatasetFormat:
-        recorded = (self.record.config if self.record is not None else None) or {}
-        fields = {f.name for f in dataclasses.fields(PreferenceChatLmDatasetFormat)}
-        return PreferenceChatLmDatasetFormat(**{k: v for k, v in recorded.get("format", {}).items() if k in fields})
+        recorded = ((self.record.config if self.record is not None else None) or {}).get("format", {})
+        # the record holds the format's fields without its type; only preference_prompt_completion has these
+        kind = PromptCompletionPreferenceFormat if "completion_tokens" in recorded else PreferenceChatLmDatasetFormat
+        fields = {f.name for f in dataclasses.fields(kind)}
+        return kind(**{k: v for k, v in recorded.items() if k in fields})
+
+
+def _tokenize_preferences(config: TokenizeConfig) -> None:
+    """Marin's tokenize, then the preprocessor's settings written into each split's cache ledger, where Levanter
+    records them when it builds a cache: training checks them against its data format before reading pairs."""
+    tokenize(config)
+    metadata = config.format.build_preprocessor(load_tokenizer(config.tokenizer)).metadata
+    for split, inputs in (("train", config.train_paths), ("validation", config.validation_paths)):
+        if inputs:
+            cache_dir = prefix_join(config.cache_path, split)
+            ledger = CacheLedger.load(cache_dir)
+            dataclasses.replace(ledger, metadata=CacheMetadata(metadata))._serialize_and_commit(cache_dir)
 
 
 def default_preference_tokenize(
@@ -78,15 +97,17 @@ def default_preference_tokenize(
 
     The input is ``raw`` + ``glob`` (files inside a download step) or ``paths`` (files or globs used as
     given). ``validation=True`` writes the cache's validation split. ``chat_template`` overrides the
-    tokenizer's; it must mark assistant turns with ``{% generation %}`` so only completions are scored.
-    ``resources`` runs the tokenization as its own Fray job; None runs it in the calling process.
+    tokenizer's. The cache is Levanter's ``preference_prompt_completion`` (the Levanter YAMLs' format): the
+    prompt's end is stored, so what ``|y|`` counts and how over-long pairs are cut are chosen at training time
+    (``SimpleSimPOConfig.completion_tokens``, ``max_prompt_length``, ``truncation_mode``), without
+    re-tokenizing. ``resources`` runs the tokenization as its own Fray job; None runs it in the calling process.
     """
     version = resolve_version(name, version)
     if (raw is None) == (paths is None):
         raise ValueError(f"{name}: provide exactly one of raw (with glob) or paths")
     if (raw is None) != (glob is None):
         raise ValueError(f"{name}: raw and glob must be given together")
-    data_format = PreferenceChatLmDatasetFormat(chat_template=chat_template)
+    data_format = PromptCompletionPreferenceFormat(chat_template=chat_template)
 
     def build_config(ctx: StepContext) -> TokenizeConfig:
         inputs = [f"{ctx.artifact_path(raw)}/{glob}"] if raw is not None else [*paths]
@@ -102,31 +123,56 @@ def default_preference_tokenize(
         name=name,
         version=version,
         artifact_type=TokenizedPreferenceCache,
-        run=remote(tokenize, resources=resources) if resources is not None else tokenize,
+        run=remote(_tokenize_preferences, resources=resources) if resources is not None else _tokenize_preferences,
         build_config=build_config,
         deps=(raw,) if raw is not None else (),
     )
 
 
-def _fingerprint_component(cache_dir: str) -> DatasetComponent:
-    # No cache record exists at fingerprint time; the dataset's identity is its name@version.
-    source = UrlDatasetSourceConfig(
-        tags=[], train_urls=[], validation_urls=[], cache_dir=cache_dir, format=PreferenceChatLmDatasetFormat()
+def _training_format(
+    config: SimpleSimPOConfig, recorded: PromptCompletionPreferenceFormat
+) -> PromptCompletionPreferenceFormat:
+    """The cache's recorded format with the run's |y| definition and truncation budgets."""
+    return dataclasses.replace(
+        recorded,
+        completion_tokens=config.completion_tokens,
+        max_length=config.max_seq_len,
+        max_prompt_length=config.max_prompt_length,
+        truncation_mode=config.truncation_mode,
     )
-    return DatasetComponent(source=source, cache_dir=cache_dir, format=source.format, tags=[])
+
+
+def _with_training_format(name: str, component: DatasetComponent, config: SimpleSimPOConfig) -> DatasetComponent:
+    if not isinstance(component.format, PromptCompletionPreferenceFormat):
+        # its |y| and cuts would differ from the Levanter YAMLs', and the run's budgets could not apply
+        raise ValueError(
+            f"preference cache {name!r} is a {type(component.format).__name__} cache with no prompt boundary; "
+            "re-tokenize it with default_preference_tokenize under a new version"
+        )
+    data_format = _training_format(config, component.format)
+    source = dataclasses.replace(component.source, format=data_format) if component.source is not None else None
+    return dataclasses.replace(component, source=source, format=data_format)
+
+
+def _fingerprint_component(cache_dir: str, config: SimpleSimPOConfig) -> DatasetComponent:
+    # No cache record exists at fingerprint time; the dataset's identity is its name@version.
+    data_format = _training_format(config, PromptCompletionPreferenceFormat())
+    source = UrlDatasetSourceConfig(tags=[], train_urls=[], validation_urls=[], cache_dir=cache_dir, format=data_format)
+    return DatasetComponent(source=source, cache_dir=cache_dir, format=data_format, tags=[])
 
 
 def _preference_data(
     ctx: StepContext,
     train: ArtifactStep[TokenizedPreferenceCache],
     validation: Sequence[ArtifactStep[TokenizedPreferenceCache]],
-    expected_tokenizer: str | None,
+    config: SimpleSimPOConfig,
 ) -> PreferenceLmDataConfig:
     """One training component plus weight-0 validation components, full Feistel-permutation shuffle."""
+    expected_tokenizer = config.tokenizer
     if ctx.is_fingerprint:
         handles = [train, *validation]
         return PreferenceLmDataConfig(
-            components={h.name: _fingerprint_component(ctx.artifact_path(h)) for h in handles},
+            components={h.name: _fingerprint_component(ctx.artifact_path(h), config) for h in handles},
             train_weights={h.name: 1.0 if h is train else 0.0 for h in handles},
             tokenizer=expected_tokenizer or "<tokenizer>",
             cache_dir=None,
@@ -137,7 +183,8 @@ def _preference_data(
     data = PreferenceLmDataConfig.from_lm_data_config(mixture(ctx, {train: 1.0}, validation=validation, shuffle=True))
     if expected_tokenizer is not None and data.tokenizer != expected_tokenizer:
         raise ValueError(f"The preference caches were tokenized with {data.tokenizer}, not {expected_tokenizer}")
-    return data
+    components = {name: _with_training_format(name, c, config) for name, c in data.components.items()}
+    return dataclasses.replace(data, components=components)
 
 
 def _num_train_steps(ctx: StepContext, train: ArtifactStep[TokenizedPreferenceCache], config: SimpleSimPOConfig) -> int:
@@ -165,6 +212,15 @@ def _initialize_from_hf(config: SimpleSimPOConfig) -> bool | str:
     if config.model_name_or_path is None:
         raise ValueError("initialize_from_hf=True needs model_name_or_path")
     return config.model_name_or_path
+
+
+def _check_lengths(name: str, model_config: LmConfig, config: SimpleSimPOConfig) -> None:
+    """Fail the graph build, not the pod, when the sequences cannot fit the model or the budgets cannot fit them."""
+    if config.max_seq_len > model_config.max_seq_len:
+        raise ValueError(
+            f"{name}: max_seq_len {config.max_seq_len} is longer than the model's max_seq_len {model_config.max_seq_len}"
+        )
+    _training_format(config, PromptCompletionPreferenceFormat())  # raises when max_prompt_length leaves no room
 
 
 def _run_tags(tags: Sequence[str]) -> list[str]:
@@ -217,13 +273,20 @@ def default_simpo(
         )
     run_tags = _run_tags(tags)
     initialize_from_hf = _initialize_from_hf(simpo_config)
+    _check_lengths(name, model_config, simpo_config)
 
     def build_config(ctx: StepContext) -> TrainSimpoOnPodConfig:
         train_config = TrainSimpoConfig(
-            data=_preference_data(ctx, tokenized, validation, simpo_config.tokenizer),
+            data=_preference_data(ctx, tokenized, validation, simpo_config),
             trainer=TrainerConfig(
                 id=run_id,
-                tracker=WandbConfig(project=simpo_config.wandb_project, tags=run_tags, replicate_path=ctx.output_path),
+                tracker=WandbConfig(
+                    project=simpo_config.wandb_project,
+                    name=simpo_config.wandb_name or run_id,
+                    group=simpo_config.wandb_group,
+                    tags=run_tags,
+                    replicate_path=ctx.output_path,
+                ),
                 mp=jmp.get_policy(MARIN_PRECISION),
                 train_batch_size=simpo_config.train_batch_size,
                 num_train_steps=_num_train_steps(ctx, tokenized, simpo_config),
@@ -237,6 +300,7 @@ def default_simpo(
                 seed=simpo_config.seed,
             ),
             model=model_config,
+            adapter=simpo_config.lora if simpo_config.lora is not None else NoAdaptorConfig(),
             train_seq_len=simpo_config.max_seq_len,
             optimizer=AdamConfig(
                 learning_rate=simpo_config.learning_rate,
@@ -245,6 +309,9 @@ def default_simpo(
                 lr_schedule=simpo_config.lr_schedule,
                 min_lr_ratio=simpo_config.min_lr_ratio,
                 max_grad_norm=simpo_config.max_grad_norm,
+                beta1=simpo_config.beta1,
+                beta2=simpo_config.beta2,
+                epsilon=simpo_config.epsilon,
             ),
             beta=simpo_config.beta,
             gamma_beta_ratio=simpo_config.gamma_beta_ratio,
@@ -252,10 +319,13 @@ def default_simpo(
             label_smoothing=simpo_config.label_smoothing,
             sft_weight=simpo_config.sft_weight,
             initialize_from_hf=initialize_from_hf,
+            use_hf_model_config=simpo_config.use_hf_model_config,
             initialize_from_checkpoint_path=simpo_config.initialize_from_checkpoint_path,
             validation_split_fraction=simpo_config.validation_split_fraction,
+            run_initial_eval=simpo_config.run_initial_eval,
             hf_save_steps=simpo_config.steps_per_hf_export,
             hf_save_dtype=simpo_config.hf_save_dtype,
+            hf_generation_eos_token_ids=simpo_config.hf_generation_eos_token_ids,
         )
         return TrainSimpoOnPodConfig(
             train_config=train_config,

@@ -3,16 +3,28 @@
 
 """SimPO on UltraFeedback from the Llama-3-Base-8B SFT model, with the SimPO paper's Llama-3-Base settings.
 
-beta 2.0, gamma/beta 0.5 (gamma 1.0), lr 6e-7, 128 pairs per step, 2048-token sequences, cosine decay after 10%
-warmup, one epoch over ``train_prefs``; ``test_prefs`` is the evaluation set.
+The recipe (loss, data format and budgets, optimizer, schedule, batch, sequence length, initial checkpoint) is
+read from ``lib/levanter/config/simpo_ultrafeedback_llama3_8b.yaml``, the Levanter entrypoint's config, so the
+two doors train the same SimPO; this file adds only what a Marin run decides: the step graph, the epoch count
+resolved from the tokenized cache, resources, checkpoint and export cadence.
 
     uv run python -m experiments.exp2101_simpo_ultrafeedback --version dev          # print the plan
     uv run python -m experiments.exp2101_simpo_ultrafeedback --version dev --run    # build it
+
+``uv run python experiments/exp2101_simpo_ultrafeedback.py ...`` works the same.
 """
 
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # run as a file, Python puts experiments/ on the path rather than the repository root that `-m` uses
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import draccus
 from fray.types import ResourceConfig
-from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig
-from levanter.models.llama import LlamaConfig
+from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments.defaults import default_preference_tokenize, default_simpo
 from experiments.simple_simpo_config import SimpleSimPOConfig
@@ -21,60 +33,34 @@ from marin.experiment.cli import experiment_main
 from marin.experiment.data import hf_download
 from marin.training.training import LevanterCheckpoint
 
-SFT_MODEL = "princeton-nlp/Llama-3-Base-8B-SFT"
-SEQ_LEN = 2048
+RECIPE_PATH = Path(__file__).resolve().parents[1] / "lib/levanter/config/simpo_ultrafeedback_llama3_8b.yaml"
 
-# Llama-3's chat layout, with the assistant turn (and its <|eot_id|>) inside {% generation %} so the
-# preference loss averages over completion tokens only; the text it renders is the stock template's.
-LLAMA3_CHAT_TEMPLATE = (
-    "{{- bos_token }}\n"
-    "{%- for message in messages %}\n"
-    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
-    "    {%- if message['role'] == 'assistant' %}\n"
-    "        {%- generation %}{{- message['content'] | trim }}{{- '<|eot_id|>' }}{%- endgeneration %}\n"
-    "    {%- else %}\n"
-    "        {{- message['content'] | trim }}{{- '<|eot_id|>' }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
-    "{%- endif %}\n"
-)
 
-# Llama-3-8B's architecture (the SFT model's), at the training sequence length.
-llama3_8b = LlamaConfig(
-    max_seq_len=SEQ_LEN,
-    hidden_dim=4096,
-    intermediate_dim=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    rope=DefaultRotaryEmbeddingsConfig(theta=500000.0),
-    reference_checkpoint=SFT_MODEL,
-    tokenizer=SFT_MODEL,
-)
+def load_recipe() -> TrainSimpoConfig:
+    with open(RECIPE_PATH) as f:
+        return draccus.load(TrainSimpoConfig, f)
 
-simpo_config = SimpleSimPOConfig(
+
+recipe = load_recipe()
+(recipe_format,) = (component.format for component in recipe.data.components.values())
+SFT_MODEL = recipe.initialize_from_hf
+LLAMA3_CHAT_TEMPLATE = recipe_format.chat_template
+
+simpo_config = SimpleSimPOConfig.from_train_config(
+    recipe,
     resources=ResourceConfig.with_tpu("v5p-32"),
-    train_batch_size=128,
+    # the YAML's step count is one epoch of today's train_prefs; an epoch here follows the cache actually built
     num_train_epochs=1,
-    learning_rate=6e-7,
-    beta=2.0,
-    gamma_beta_ratio=0.5,
-    warmup=0.1,
-    lr_schedule="cosine",
-    max_seq_len=SEQ_LEN,
-    validation_split_fraction=None,
-    tokenizer=SFT_MODEL,
-    model_name_or_path=SFT_MODEL,
-    steps_per_eval=100,
     steps_per_checkpoint=200,
     steps_per_hf_export=200,
-    hf_save_dtype="bfloat16",
 )
 
 # Dataset artifacts pin a calendar version so reruns reuse the caches.
 DATA_VERSION = "2026.01.24"
+# No Hub access where this was written, so no commit hash could be looked up: "main" is a moving revision.
+# Pin the commit (huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized/commits/main) before a run
+# whose results must be reproducible; the tokenized caches are keyed by DATA_VERSION, not by this revision.
+ULTRAFEEDBACK_REVISION = "main"
 
 
 def build() -> ArtifactStep[LevanterCheckpoint]:
@@ -82,8 +68,7 @@ def build() -> ArtifactStep[LevanterCheckpoint]:
     ultrafeedback = hf_download(
         "raw/ultrafeedback_binarized",
         hf_id="HuggingFaceH4/ultrafeedback_binarized",
-        # no commit pinned yet: this was written without Hub access; pin one before relying on the cache
-        revision="main",
+        revision=ULTRAFEEDBACK_REVISION,
         urls_glob=["data/train_prefs-*.parquet", "data/test_prefs-*.parquet"],
         version=DATA_VERSION,
     )
@@ -102,10 +87,10 @@ def build() -> ArtifactStep[LevanterCheckpoint]:
     return default_simpo(
         "checkpoints/simpo/ultrafeedback_llama3_8b_base",
         train_prefs,
-        llama3_8b,
+        recipe.model,
         simpo_config,
         validation=[test_prefs],
-        tags=["ultrafeedback", "llama3", "dpo"],
+        tags=recipe.trainer.tracker.tags,
     )
 
 

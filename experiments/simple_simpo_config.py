@@ -10,7 +10,11 @@ decay after 10% warmup); the loss variants (hinge, label smoothing, SFT term) ar
 from dataclasses import dataclass
 
 from fray.types import ResourceConfig
-from levanter.main.train_simpo import LossType
+from levanter.adaptor import LoraAdaptorConfig
+from levanter.data.text.preference_prompt_completion import CompletionTokens
+from levanter.data.text.preference_truncation import TruncationMode
+from levanter.main.train_simpo import LossType, TrainSimpoConfig
+from levanter.optim.config import AdamConfig
 from levanter.schedule import IntSchedule
 
 
@@ -34,6 +38,9 @@ class SimpleSimPOConfig:
     sft_weight: float = 0.0
 
     wandb_project: str = "marin"
+    wandb_name: str | None = None
+    """The W&B run's display name; None uses the run id."""
+    wandb_group: str | None = None
     tokenizer: str | None = None
     """The tokenizer the run expects; checked against the one the preference caches were built with.
     None takes the caches' tokenizer."""
@@ -43,24 +50,44 @@ class SimpleSimPOConfig:
     """None: load ``model_name_or_path`` when set. True/False force it on/off; a string names the checkpoint."""
     initialize_from_checkpoint_path: str | None = None
     """A Levanter checkpoint to start from instead of an HF one."""
+    use_hf_model_config: bool = False
+    """Take the architecture from the HF checkpoint's config rather than the model config given."""
+    lora: LoraAdaptorConfig | None = None
+    """Train LoRA adapters on a frozen base instead of every weight; exports are then PEFT adapters."""
 
     max_seq_len: int = 2048
-    """Tokens per chosen or rejected sequence; a longer pair fails the run before training."""
+    """Tokens per chosen or rejected sequence (the reference's ``max_length``); longer pairs are cut to it."""
+    completion_tokens: CompletionTokens = "final_turn"
+    """What ``|y|`` counts: ``final_turn`` (the reference trainer's: the final turn's header, content, end of turn
+    and EOS) or ``generation`` (the chat template's ``{% generation %}`` span)."""
+    max_prompt_length: int | None = None
+    """Prompt budget of a pair over ``max_seq_len`` (the reference's ``max_prompt_length``); None is half of it."""
+    truncation_mode: TruncationMode = "keep_end"
+    """Which part of an over-budget prompt stays: its end (the reference's default) or its start."""
     weight_decay: float = 0.0
     warmup: float = 0.1
     """Fraction of the steps (or, if > 1, the number of steps) spent warming up the learning rate."""
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    """Adam's moments and epsilon: the reference trainer's torch AdamW defaults (Levanter's own beta2 is 0.95)."""
     validation_split_fraction: float | None = 0.1
     """Hold out this fraction of the training pairs for evaluation; None evaluates on the validation caches."""
 
     steps_per_eval: int = 1000
+    run_initial_eval: bool = True
+    """Evaluate the starting model before the first step (logged at step 0)."""
     steps_per_checkpoint: int = 1000
     """Permanent checkpoints; rolling ones for preemption are taken every 10 minutes regardless."""
     steps_per_hf_export: int | None = 500
     """HF-format exports under ``<output>/hf``; None exports nothing."""
     hf_save_dtype: str | None = None
+    hf_generation_eos_token_ids: list[int] | None = None
+    """Tokens that stop generation in the exports' generation_config.json; None takes the chat template's
+    end-of-turn token(s) and EOS."""
     seed: int = 0
 
     def __post_init__(self):
@@ -68,3 +95,54 @@ class SimpleSimPOConfig:
             raise ValueError("Set exactly one of num_train_steps and num_train_epochs.")
         if self.num_train_epochs is not None and self.num_train_epochs < 1:
             raise ValueError(f"num_train_epochs must be >= 1, got {self.num_train_epochs}")
+
+    @classmethod
+    def from_train_config(cls, config: TrainSimpoConfig, **marin_choices) -> "SimpleSimPOConfig":
+        """The recipe of a Levanter SimPO config (a YAML's): loss, data format and budgets, optimizer,
+        schedule, batch, sequence length, evaluation cadence and initial checkpoint. ``marin_choices`` sets the
+        rest (``resources`` at least) and may not restate a recipe field."""
+        if not isinstance(config.optimizer, AdamConfig):
+            raise ValueError(f"a SimPO recipe's optimizer must be adam, got {type(config.optimizer).__name__}")
+        formats = [c.format for c in config.data.components.values()]
+        if len(formats) != 1:
+            raise ValueError(f"a SimPO recipe has one data component; got {len(formats)}")
+        (data_format,) = formats
+        if not isinstance(config.initialize_from_hf, str):
+            raise ValueError("a SimPO recipe names its initial HF checkpoint in initialize_from_hf")
+        optimizer = config.optimizer
+        seq_len = config.train_seq_len if config.train_seq_len is not None else config.model.max_seq_len
+        if getattr(data_format, "max_length", None) not in (None, seq_len):
+            raise ValueError(f"the recipe's max_length {data_format.max_length} is not its sequence length {seq_len}")
+        recipe = dict(
+            train_batch_size=config.trainer.train_batch_size,
+            learning_rate=optimizer.learning_rate,
+            weight_decay=optimizer.weight_decay,
+            warmup=optimizer.warmup,
+            lr_schedule=optimizer.lr_schedule,
+            min_lr_ratio=optimizer.min_lr_ratio,
+            max_grad_norm=optimizer.max_grad_norm,
+            beta1=optimizer.beta1,
+            beta2=optimizer.beta2,
+            epsilon=optimizer.epsilon,
+            beta=config.beta,
+            gamma_beta_ratio=config.gamma_beta_ratio,
+            loss_type=config.loss_type,
+            label_smoothing=config.label_smoothing,
+            sft_weight=config.sft_weight,
+            max_seq_len=seq_len,
+            completion_tokens=data_format.completion_tokens,
+            max_prompt_length=data_format.max_prompt_length,
+            truncation_mode=data_format.truncation_mode,
+            validation_split_fraction=config.validation_split_fraction,
+            steps_per_eval=config.trainer.steps_per_eval,
+            run_initial_eval=config.run_initial_eval,
+            tokenizer=config.data.tokenizer,
+            model_name_or_path=config.initialize_from_hf,
+            use_hf_model_config=config.use_hf_model_config,
+            hf_save_dtype=config.hf_save_dtype,
+            seed=config.trainer.seed,
+        )
+        restated = sorted(recipe.keys() & marin_choices.keys())
+        if restated:
+            raise ValueError(f"{restated} come from the recipe; change them there")
+        return cls(**recipe, **marin_choices)

@@ -2,6 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """``default_simpo``'s conventions, checked on the config it records, without running anything."""
 
+import dataclasses
+
 import pytest
 from fray.types import ResourceConfig
 from levanter.models.gpt2 import Gpt2Config
@@ -20,6 +22,7 @@ def _tokenized(split: str):
 
 
 def _simpo(tags=(), **config_overrides):
+    config_overrides.setdefault("max_seq_len", Gpt2Config().max_seq_len)
     config = SimpleSimPOConfig(resources=ResourceConfig.with_cpu(), num_train_steps=10, **config_overrides)
     return default_simpo("checkpoints/simpo_test", _tokenized("train"), Gpt2Config(), config, tags=tags, version=VERSION)
 
@@ -68,3 +71,56 @@ def test_training_length_is_steps_or_epochs_not_both():
     for lengths in ({}, {"num_train_steps": 10, "num_train_epochs": 1}):
         with pytest.raises(ValueError, match="exactly one"):
             SimpleSimPOConfig(resources=resources, **lengths)
+
+
+def test_wandb_name_and_group_default_to_the_run_id_and_none():
+    tracker = _train_config(_simpo()).trainer.tracker
+    assert (tracker.name, tracker.group) == (f"checkpoints-simpo_test-{VERSION}", None)
+    tracker = _train_config(_simpo(wandb_name="simpo-uf", wandb_group="uf-sweep")).trainer.tracker
+    assert (tracker.name, tracker.group) == ("simpo-uf", "uf-sweep")
+
+
+def test_lora_trains_adapters_and_exports_peft_weights():
+    from levanter.adaptor import LoraAdaptorConfig, NoAdaptorConfig
+    from marin.training.simpo import simpo_train_config_for_pod
+
+    assert isinstance(_train_config(_simpo()).adapter, NoAdaptorConfig)
+    step = _simpo(lora=LoraAdaptorConfig(r=8, alpha=16.0))
+    pod = step.build_config(StepContext.for_fingerprint(step.runtime_args.keys(), step.deps))
+    assert pod.train_config.adapter == LoraAdaptorConfig(r=8, alpha=16.0)
+    launched = simpo_train_config_for_pod(
+        dataclasses.replace(pod, resources=ResourceConfig.with_cpu(), output_path="/tmp/out/simpo_lora")
+    )
+    assert (launched.hf_save_path, launched.peft_save_path) == (None, "/tmp/out/simpo_lora/hf")
+
+
+def test_sequence_lengths_are_checked_when_the_graph_is_built():
+    with pytest.raises(ValueError, match="max_seq_len 2048 is longer than the model's max_seq_len 1024"):
+        _simpo(max_seq_len=2048)  # GPT-2's default is 1024
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        _simpo(max_seq_len=512, max_prompt_length=512)
+
+
+def test_the_run_carries_the_reference_adam_and_pair_budgets():
+    config = _train_config(_simpo(max_seq_len=512, max_prompt_length=400, truncation_mode="keep_start"))
+    assert (config.optimizer.beta1, config.optimizer.beta2, config.optimizer.epsilon) == (0.9, 0.999, 1e-8)
+    (component,) = config.data.components.values()
+    fmt = component.format
+    assert (fmt.completion_tokens, fmt.max_length, fmt.max_prompt_length, fmt.truncation_mode) == (
+        "final_turn", 512, 400, "keep_start"
+    )
+    assert config.run_initial_eval is True
+
+
+def test_a_preference_chat_cache_is_refused_by_name():
+    from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
+    from levanter.data.text.preference import PreferenceChatLmDatasetFormat
+
+    from experiments import defaults
+
+    old = PreferenceChatLmDatasetFormat()
+    source = UrlDatasetSourceConfig(tags=[], train_urls=[], validation_urls=[], cache_dir="/c", format=old)
+    component = DatasetComponent(source=source, cache_dir="/c", format=old, tags=[])
+    config = SimpleSimPOConfig(resources=ResourceConfig.with_cpu(), num_train_steps=10)
+    with pytest.raises(ValueError, match="'tokenized/old' is a PreferenceChatLmDatasetFormat cache"):
+        defaults._with_training_format("tokenized/old", component, config)

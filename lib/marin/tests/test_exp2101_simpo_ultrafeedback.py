@@ -5,11 +5,14 @@
 import dataclasses
 import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import draccus
 import jmp
 import pytest
-from levanter.data.text.preference import PreferenceChatLmDatasetFormat
+from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments import exp2101_simpo_ultrafeedback as exp
@@ -51,9 +54,9 @@ def test_graph_downloads_then_tokenizes_both_splits_with_the_llama3_template(sim
     assert test_tokenize.validation_paths == [f"{download.name}@{download.version}/data/test_prefs-*.parquet"]
     for config in (train_tokenize, test_tokenize):
         assert config.tokenizer == exp.SFT_MODEL
-        assert isinstance(config.format, PreferenceChatLmDatasetFormat)
+        assert isinstance(config.format, PromptCompletionPreferenceFormat)
         assert config.format.chat_template == exp.LLAMA3_CHAT_TEMPLATE
-        assert "{%- generation %}" in config.format.chat_template
+        assert "<|eot_id|>{% endgeneration %}" in config.format.chat_template
 
 
 def test_train_config_round_trips_through_draccus_with_the_presets(simpo_step):
@@ -91,3 +94,17 @@ def test_train_config_round_trips_through_draccus_with_the_presets(simpo_step):
     train_prefs, test_prefs = simpo_step.deps
     assert data.train_weights == {train_prefs.name: 1.0, test_prefs.name: 0.0}
     assert (data.shuffle, data.permutation_type) == (True, "feistel")
+
+
+@pytest.mark.parametrize(
+    "invocation",
+    [["experiments/exp2101_simpo_ultrafeedback.py"], ["-m", "experiments.exp2101_simpo_ultrafeedback"]],
+    ids=["file", "module"],
+)
+def test_the_experiment_runs_as_a_file_and_as_a_module(invocation):
+    repo = Path(__file__).resolve().parents[3]
+    result = subprocess.run(
+        [sys.executable, *invocation, "--help"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--version TEXT" in result.stdout and "--run" in result.stdout

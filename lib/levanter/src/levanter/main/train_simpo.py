@@ -36,6 +36,7 @@ from levanter.data.text.preference_splits import build_preference_splits
 from levanter.data.text.preference_stats import write_pair_stats
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
 from levanter.main import simpo_plot
+from levanter.main.simpo_export import export_tokenizer, generation_eos_token_ids
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_layouts import PairLayout, PairLayoutName, Side, check_pair_layout, pair_layout
 from levanter.metrics import Metric, ReductionType
@@ -90,12 +91,16 @@ class TrainSimpoConfig:
     hf_save_steps: int | None = 10000
     hf_save_dtype: Optional[str] = None
     hf_generation_eos_token_ids: Optional[list[int]] = None
+    """Tokens that stop generation in the export's generation_config.json; None takes the chat template's
+    end-of-turn token(s) and EOS."""
     peft_save_path: Optional[str] = None
     peft_hf_upload: bool | str = False
     merged_hf_save_path: Optional[str] = None
     merged_hf_upload: Optional[str] = None
 
     data_seed: Optional[int] = None
+    run_initial_eval: bool = False
+    """Evaluate the held-out pairs once before the first step (logged at step 0), as train_dpo can."""
 
 
 def validate_config(config: TrainSimpoConfig) -> None:
@@ -420,16 +425,22 @@ def main(config: TrainSimpoConfig):
         else:
             logger.warning("No held-out preference pairs: training without evaluation.")
 
+        # exports carry the chat template the pairs were rendered with and stop at its end of turn, for serving
+        served_tokenizer = export_tokenizer(config.data, tokenizer)
+        eos_token_ids = generation_eos_token_ids(served_tokenizer, config.hf_generation_eos_token_ids)
+        converter = model_context.converter
+        if converter is not None:
+            converter = converter.replaced(tokenizer=served_tokenizer)  # HF exports save the converter's tokenizer
         config.adapter.install_export_hooks(
             trainer=trainer,
-            converter=model_context.converter,
-            tokenizer=tokenizer,
+            converter=converter,
+            tokenizer=served_tokenizer,
             export=AdaptorExportConfig(
                 hf_save_path=config.hf_save_path,
                 hf_upload=config.hf_upload,
                 hf_save_steps=config.hf_save_steps,
                 hf_save_dtype=config.hf_save_dtype,
-                generation_config=build_generation_config(tokenizer, config.hf_generation_eos_token_ids),
+                generation_config=build_generation_config(served_tokenizer, eos_token_ids),
                 peft_save_path=config.peft_save_path,
                 peft_hf_upload=config.peft_hf_upload,
                 merged_hf_save_path=config.merged_hf_save_path,
@@ -443,6 +454,11 @@ def main(config: TrainSimpoConfig):
         guard = NonFiniteGuard(trainer.config.batch_schedule)
         if config.trainer.crash_on_nan or config.trainer.crash_on_inf:
             trainer.add_hook(guard, every=1)
+        if config.run_initial_eval and evaluator is not None and state.step == 0:
+            logger.info("Evaluating the starting model on the held-out pairs.")
+            # StepInfo reports the step before state.step, so this logs at step 0, as train_dpo does
+            evaluator(StepInfo(dataclasses.replace(state, step=1), 0.0, 0.0))
+            evaluator.latest_step = None  # the trained model's evaluation after step 0 is another one, not a repeat
         train_loader = guard.track(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
         with guard.reporting():
             trainer.train(state, train_loader)
