@@ -130,3 +130,44 @@ def test_a_cache_built_with_another_template_is_refused(tmp_path):
     changed = dataclasses.replace(config, components={"prefs": component})
     with pytest.raises(ValueError, match=r"was built with other settings \(chat_template\)"):
         _splits(changed, validation_split_fraction=None)
+
+
+def _swap_sides(row: dict) -> dict:
+    return {**row, "chosen": row["rejected"], "rejected": row["chosen"]}
+
+
+def test_a_cache_built_from_other_files_is_refused_naming_them(tmp_path):
+    config = _config(tmp_path, _rows()[:3], PromptCompletionPreferenceFormat(max_length=48))
+    _splits(config, validation_split_fraction=None)
+    # a copied config pointing at another file, with the same cache_dir
+    other = tmp_path / "mine.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in _rows()[3:6]))
+    component = config.components["prefs"]
+    moved = dataclasses.replace(component, source=UrlDatasetSourceConfig(train_urls=[str(other)]))
+    with pytest.raises(ValueError, match=r"built from other data: .*train.jsonl is no longer a source; .*mine.jsonl is a new source"):
+        _splits(dataclasses.replace(config, components={"prefs": moved}), validation_split_fraction=None)
+
+
+@pytest.mark.parametrize("edit, change", [("shorter", "changed size"), ("swapped", "changed content")])
+def test_a_source_edited_after_the_cache_was_built_is_refused(tmp_path, edit, change):
+    rows = _rows()[:4]
+    config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
+    _splits(config, validation_split_fraction=None)
+    edited = rows[:2] if edit == "shorter" else [_swap_sides(r) for r in rows]  # swapping keeps the size
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in edited))
+    with pytest.raises(ValueError, match=rf"train.jsonl {change}.*Delete it to rebuild it"):
+        _splits(config, validation_split_fraction=None)
+
+
+def test_an_unfinished_cache_is_built_again_not_reused(tmp_path):
+    rows = _rows()[:4]
+    config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
+    _splits(config, validation_split_fraction=None)
+    cache = tmp_path / "cache" / "prefs" / "train"
+    (cache / "shard_ledger.json").unlink()  # as if the build had stopped before finishing
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
+    _splits(config, validation_split_fraction=None)
+    # built again from the file as it is now, not resumed from the stale shard (read from disk: this process's
+    # array cache may still hold the old shard)
+    ledger = json.loads((cache / "shard_ledger.json").read_text())
+    assert ledger["is_finished"] and ledger["total_num_rows"] == 2

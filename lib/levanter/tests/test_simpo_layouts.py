@@ -96,7 +96,7 @@ def test_every_layout_gives_the_same_loss_and_gradient_over_the_same_pairs(tiny,
         loss, metrics, grad = loss_metrics_and_gradient(model, layout, batch)
         # every held-out pair enters the mean once, whatever the rows that hold it
         assert float(metrics["simpo_loss"]._count) == 250
-        results[name] = (rows, loss, {k: float(metrics[k]) for k in ("simpo_chosen_logp", "simpo_sft_loss")}, grad)
+        results[name] = (rows, loss, {k: float(metrics[k]) for k in ("logps/chosen", "simpo_sft_loss", "logits/rejected")}, grad)
     padded_rows, padded_loss, padded_metrics, padded_grad = results["padded"]
     assert padded_rows == 250
     for name in ("packed", "shared_prompt"):

@@ -6,8 +6,16 @@ import json
 import math
 import os
 
+import haliax as hax
+import jax
+import jax.random as jrandom
+import numpy as np
 import pytest
-from simpo_tiny_run import REPO, run, tiny_config
+from simpo_tiny_run import REPO, final_model, run, tiny_config
+
+from levanter.data.text.preference_splits import build_preference_splits
+from levanter.main.simpo_layouts import pair_layout
+from levanter.main.train_simpo import simpo_loss
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +28,11 @@ def repo_cwd():
 
 
 def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
-    overrides = ("--trainer.id", "e2e", "--hf_save_steps", "8")
-    first = run(tiny_config(tmp_path, "--trainer.num_train_steps", "8", *overrides)).by_step
+    # every held-out pair, in eval batches of 32: the last of the 8 batches holds 26
+    evaluation = ("--trainer.max_eval_batches", "null", "--trainer.per_device_eval_parallelism", "32")
+    overrides = ("--trainer.id", "e2e", "--hf_save_steps", "8", *evaluation)
+    config = tiny_config(tmp_path, "--trainer.num_train_steps", "8", *overrides)
+    first = run(config).by_step
 
     train_steps = sorted(s for s, m in first.items() if "train/loss" in m)
     assert train_steps == list(range(8))
@@ -31,7 +42,11 @@ def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
     # the held-out loss falls from evaluation to evaluation (same pairs each time)
     assert untrained > first[3]["eval/simpo_loss"] > first[7]["eval/simpo_loss"]
     assert first[7]["eval/rewards/accuracies"] > 0.6
-    assert first[7]["eval/simpo_skipped_pairs"] == 0  # two full eval batches, no padding
+    assert first[7]["eval/simpo_skipped_pairs"] == 0
+    # the held-out loss is the exact mean over the 250 pairs, which Levanter's mean of per-batch means is not
+    exact, mean_of_batch_means = _held_out_losses(config, final_model(tmp_path, "e2e"))
+    assert first[7]["eval/loss"] == pytest.approx(exact, rel=1e-5)
+    assert abs(mean_of_batch_means - exact) > 1e-4 * exact  # so the check above can fail
 
     checkpoints = tmp_path / "checkpoints" / "e2e"
     assert (checkpoints / "step-4").is_dir() and (checkpoints / "step-7").is_dir()
@@ -46,3 +61,22 @@ def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
     resumed = run(tiny_config(tmp_path, "--trainer.num_train_steps", "10", *overrides))
     assert "Resuming SimPO training from step 8" in resumed.messages
     assert sorted(s for s, m in resumed.by_step.items() if "train/loss" in m) == [8, 9]
+
+
+def _held_out_losses(config, model) -> tuple[float, float]:
+    """The exact mean SimPO loss over the 250 held-out pairs in one batch, and Levanter's mean of the means of
+    eval batches of 32."""
+    layout = pair_layout("padded", 1)
+    Pos = model.Pos
+    splits = build_preference_splits(
+        config.data, lambda pairs: layout.rows(pairs, Pos), seq_len=Pos.size, key=jrandom.PRNGKey(0),
+        validation_split_fraction=None,
+    )
+    items = splits.validation["tiny_simpo"].as_sync_dataset().get_batch(list(range(250)))
+
+    def loss(rows):
+        Batch = hax.Axis("batch", len(rows))
+        batch = jax.tree.map(lambda *xs: hax.stack(Batch, xs), *rows, is_leaf=lambda x: isinstance(x, hax.NamedArray))
+        return float(simpo_loss(model, batch, layout=layout, beta=2.0, gamma_beta_ratio=0.5)[0])
+
+    return loss(items), float(np.mean([loss(items[i : i + 32]) for i in range(0, 250, 32)]))

@@ -46,11 +46,13 @@ Side = Axis("preference_side", 2)
 
 @dataclasses.dataclass(frozen=True)
 class PairLogps:
-    """Per pair and side: the summed log-prob of the trained tokens and how many there are; plus the model's
-    auxiliary loss for the whole batch (0 for most models)."""
+    """Per pair and side: the summed log-prob of the trained tokens, how many there are, and the sum of their
+    mean logit (over the vocabulary, what the reference trainer logs as ``logits/*``); plus the model's auxiliary
+    loss for the whole batch (0 for most models)."""
 
     sum: NamedArray
     count: NamedArray
+    logit_sum: NamedArray
     aux_loss: jnp.ndarray | float
 
 
@@ -58,6 +60,11 @@ def _per_pair_sum(values: NamedArray, pair_ids: NamedArray, Pairs: Axis, Pos: Ax
     # one-hot, then an elementwise sum: a dot here would run at the accelerator's reduced default precision
     onehot = hax.nn.one_hot(pair_ids, Pairs, dtype=jnp.float32)  # -1 (padding) gives an all-zero row
     return hax.sum(values.astype(jnp.float32) * onehot, axis=Pos)
+
+
+def _mean_logit(model: LmHeadModel, activations: NamedArray) -> NamedArray:
+    # the mean over the vocabulary of h . w_v is h . (mean of w_v): no logits are materialised for it
+    return hax.dot(activations, hax.mean(model.get_lm_head(), axis=model.Vocab), axis=model.Embed)
 
 
 def _next_token_nll(model: LmHeadModel, activations: NamedArray, tokens: NamedArray, weight: NamedArray, Pos: Axis):
@@ -152,8 +159,11 @@ class SegmentPackedPairs(PairLayout):
         # the prediction at t of token t+1 belongs to t's segment: a pair's first token (BOS) is never trained,
         # so no weight crosses into the next pair
         nll = _next_token_nll(model, activations, stacked.tokens, stacked.loss_weight, Pos)
+        weight = stacked.loss_weight
         return PairLogps(
-            -_per_pair_sum(nll, local, self.Pairs, Pos), _per_pair_sum(stacked.loss_weight, local, self.Pairs, Pos),
+            -_per_pair_sum(nll, local, self.Pairs, Pos),
+            _per_pair_sum(weight, local, self.Pairs, Pos),
+            _per_pair_sum(_mean_logit(model, activations) * weight, local, self.Pairs, Pos),
             aux_loss,
         )
 
@@ -189,9 +199,11 @@ class SharedPromptPairs(PairLayout):
         h = hax.named(jnp.take_along_axis(h.array, index[..., None], axis=-2), h.axes)
         nll = _next_token_nll(model, h, rows.tokens, rows.chosen_weight + rows.rejected_weight, Pos)
         weights = (rows.chosen_weight, rows.rejected_weight)
+        mean_logit = _mean_logit(model, h)
         sums = [-_per_pair_sum(nll * w, rows.pair_ids, self.Pairs, Pos) for w in weights]
         counts = [_per_pair_sum(w, rows.pair_ids, self.Pairs, Pos) for w in weights]
-        return PairLogps(hax.stack(Side, sums), hax.stack(Side, counts), aux_loss)
+        logits = [_per_pair_sum(mean_logit * w, rows.pair_ids, self.Pairs, Pos) for w in weights]
+        return PairLogps(hax.stack(Side, sums), hax.stack(Side, counts), hax.stack(Side, logits), aux_loss)
 
 
 def check_pair_layout(name: str, max_pairs_per_row: int) -> None:

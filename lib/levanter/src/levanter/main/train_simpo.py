@@ -38,6 +38,8 @@ from levanter.main.model_init import load_model_from_source, prepare_model_init_
 from levanter.main import simpo_plot
 from levanter.main.simpo_export import export_tokenizer, generation_eos_token_ids
 from levanter.main.simpo_guard import NonFiniteGuard
+from levanter.main.simpo_length_diagnostics import finish_length_diagnostics
+from levanter.main.simpo_length_diagnostics import length_diagnostics as simpo_length_metrics
 from levanter.main.simpo_layouts import PairLayout, PairLayoutName, Side, check_pair_layout, pair_layout
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
@@ -187,24 +189,17 @@ def simpo_loss_from_logps(
         return _pair_mean(values, weight)
 
     chosen_reward, rejected_reward = beta * chosen, beta * rejected
+    # the reference trainer's and TRL's names where they have one; simpo_* only for what they do not log
     metrics = {
         "simpo_loss": mean(losses),
         "simpo_margin": mean(chosen - rejected),
         "simpo_accuracy": mean(logits > 0),
-        "simpo_chosen_reward": mean(chosen_reward),
-        "simpo_rejected_reward": mean(rejected_reward),
-        "simpo_reward_margin": mean(chosen_reward - rejected_reward),
-        "simpo_chosen_logp": mean(chosen),
-        "simpo_rejected_logp": mean(rejected),
-    }
-    # the same quantities under the names the reference trainer and TRL log
-    metrics |= {
-        "rewards/chosen": metrics["simpo_chosen_reward"],
-        "rewards/rejected": metrics["simpo_rejected_reward"],
-        "rewards/margins": metrics["simpo_reward_margin"],
+        "rewards/chosen": mean(chosen_reward),
+        "rewards/rejected": mean(rejected_reward),
+        "rewards/margins": mean(chosen_reward - rejected_reward),
         "rewards/accuracies": mean(chosen_reward > rejected_reward),
-        "logps/chosen": metrics["simpo_chosen_logp"],
-        "logps/rejected": metrics["simpo_rejected_logp"],
+        "logps/chosen": mean(chosen),
+        "logps/rejected": mean(rejected),
     }
     return loss, metrics
 
@@ -225,10 +220,12 @@ def simpo_loss(
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
+    length_diagnostics: bool = False,
     key=None,
 ) -> tuple[jnp.ndarray, dict[str, Metric]]:
     """The training objective on a batch of rows laid out by ``layout``: one forward pass over chosen and
-    rejected together, the mean over pairs whatever the layout, plus the model's auxiliary loss once."""
+    rejected together, the mean over pairs whatever the layout, plus the model's auxiliary loss once.
+    ``length_diagnostics`` adds the held-out length-bias metrics (``simpo_length_diagnostics``)."""
     logps = layout.logps(model, example, key=key)
     avg = _average_logp(logps.sum, logps.count)
     # a side with no trained token has no average; empty slots (the loader's padding pairs at the end of an eval
@@ -245,6 +242,14 @@ def simpo_loss(
         pair_weight=trainable,
     )
     metrics["simpo_skipped_pairs"] = Metric.from_value(jnp.sum(half_empty).astype(jnp.float32), ReductionType.SUM)
+    for side, name in ((0, "chosen"), (1, "rejected")):
+        # the mean logit over the vocabulary, per trained token of the side (the reference's logits/*)
+        tokens = hax.sum(logps.count[Side, side]).array
+        metrics[f"logits/{name}"] = Metric(_value=hax.sum(logps.logit_sum[Side, side]).array, _count=tokens)
+    if length_diagnostics:
+        chosen, rejected = logps.count[Side, 0].array, logps.count[Side, 1].array
+        margin = beta * (avg[Side, 0] - avg[Side, 1]).array
+        metrics |= simpo_length_metrics(chosen, rejected, margin, trainable)
     if sft_weight > 0:
         # the reference trainer's SFT term: cross-entropy averaged over all chosen tokens, not per pair
         chosen_tokens = hax.sum(logps.count[Side, 0]).array
@@ -255,14 +260,16 @@ def simpo_loss(
 
 
 class HeldOutEvaluator:
-    """Evaluates the SimPO loss and metrics on held-out pairs and remembers the latest results for the summary."""
+    """Evaluates the SimPO loss, its metrics and the length diagnostics on held-out pairs, and remembers the
+    latest results for the summary."""
 
-    def __init__(self, trainer: Trainer, datasets: dict[str, object]):
+    def __init__(self, trainer: Trainer, datasets: dict[str, object], loss_fn, sft_weight: float):
         @eqx.filter_jit
         def eval_loss(model, batch):
-            return trainer.loss_fn(trainer.mp.cast_to_compute(model), batch, key=None)
+            return loss_fn(trainer.mp.cast_to_compute(model), batch, key=None, length_diagnostics=True)
 
         self._eval_loss = eval_loss
+        self._sft_weight = sft_weight
         self._loaders = {name: trainer.data_loader(ds, trainer.EvalBatch) for name, ds in datasets.items()}
         self._max_batches = trainer.config.max_eval_batches
         self.latest: dict[str, float] = {}
@@ -274,12 +281,17 @@ class HeldOutEvaluator:
         results: dict[str, float] = {}
         single = len(self._loaders) == 1
         for name, loader in self._loaders.items():
-            loss, metrics = callbacks.eval_loss_loop(
+            _, metrics = callbacks.eval_loss_loop(
                 self._eval_loss, info.eval_model, loader, max_batches=self._max_batches, name=name
             )
             prefix = "eval" if single else f"eval/{name}"
-            results[f"{prefix}/loss"] = loss
-            results.update({f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("eval/")})
+            named = {f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("eval/")}
+            # Levanter's loop averages per-batch losses, which weighs a short last batch's pairs more; the folded
+            # metrics are exact means over the held-out pairs (and chosen tokens, for the SFT term)
+            named[f"{prefix}/loss"] = named[f"{prefix}/simpo_loss"] + self._sft_weight * named.get(
+                f"{prefix}/simpo_sft_loss", 0.0
+            )
+            results |= finish_length_diagnostics(named, prefix)
         levanter.tracker.log(results, step=info.step)
         self.latest, self.latest_step = results, info.step
 
@@ -287,7 +299,7 @@ class HeldOutEvaluator:
         def pick(suffix: str) -> str:
             return "  ".join(f"{k} {v:.4f}" for k, v in self.latest.items() if k.endswith(suffix))
 
-        parts = [pick(s) for s in ("rewards/accuracies", "simpo_loss", "rewards/margins", "logps/chosen", "logps/rejected")]
+        parts = [pick(s) for s in ("rewards/accuracies", "/loss", "rewards/margins", "logps/chosen", "logps/rejected")]
         return f"SimPO held-out metrics at step {self.latest_step}: " + "  ".join(p for p in parts if p)
 
 
@@ -315,7 +327,9 @@ def main(config: TrainSimpoConfig):
 
     layout = pair_layout(config.pair_layout, config.max_pairs_per_row)
 
-    def loss_function(model: LmHeadModel, example: DpoExample | PrefixSharedPairs, *, key=None):
+    def loss_function(
+        model: LmHeadModel, example: DpoExample | PrefixSharedPairs, *, key=None, length_diagnostics: bool = False
+    ):
         return simpo_loss(
             model,
             example,
@@ -325,6 +339,7 @@ def main(config: TrainSimpoConfig):
             loss_type=config.loss_type,
             label_smoothing=config.label_smoothing,
             sft_weight=config.sft_weight,
+            length_diagnostics=length_diagnostics,
             key=key,
         )
 
@@ -420,7 +435,7 @@ def main(config: TrainSimpoConfig):
 
         evaluator = None
         if splits.validation:
-            evaluator = HeldOutEvaluator(trainer, splits.validation)
+            evaluator = HeldOutEvaluator(trainer, splits.validation, loss_function, config.sft_weight)
             trainer.add_hook(evaluator, every=config.trainer.steps_per_eval)
         else:
             logger.warning("No held-out preference pairs: training without evaluation.")

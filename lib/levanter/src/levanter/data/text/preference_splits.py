@@ -22,7 +22,7 @@ from levanter.store.cache import TreeCache
 from .preference_cache import CachedPairs, open_cached_pairs
 from .preference_prompt_completion import PromptCompletionPreferenceFormat
 from .preference_shared_prompt import SharedPromptPairDataset
-from .preference_sources import build_caches_naming_bad_lines
+from .preference_cache_identity import build_identified_caches
 from .preference_stats import PreferencePairStats
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def build_preference_splits(
     names = _trained_components(weights)
     for name in config.components:
         _check_format(config, name, seq_len)  # before any cache is built
-    train_caches = build_caches_naming_bad_lines(config, "train")
+    train_caches = build_identified_caches(config, "train")
     stats: dict[str, PreferencePairStats] = {}
     train: dict[str, AsyncDataset] = {}
     validation: dict[str, AsyncDataset] = {}
@@ -195,7 +195,7 @@ def build_preference_splits(
         train[name] = _shuffled(rows.dataset, config, shuffle_keys[name])
 
     if validation_split_fraction is None:
-        for name, cache in build_caches_naming_bad_lines(config, "validation").items():
+        for name, cache in build_identified_caches(config, "validation").items():
             pairs = _open(config, {name: cache}, name, "validation", seq_len)
             stats[f"validation/{name}"] = pairs.stats()
             validation[name] = rows_of(pairs).dataset

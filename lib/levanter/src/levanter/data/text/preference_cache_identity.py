@@ -1,0 +1,126 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""Ties a preference cache to the source files it was built from, so a run never trains on the wrong data.
+
+Levanter identifies a cache by its directory alone: point a config at other files, or edit a file after a first
+run, and the old cache is reused as it is; a cache whose build stopped half-way is resumed from whatever shards
+it holds. Around Levanter's cache builder (``build_caches``), for each component of a split:
+
+- a finished cache whose recorded sources differ from the configured ones (a file added, removed, resized or
+  with other content) is refused, naming what changed;
+- an unfinished cache directory is removed and built again from scratch;
+- a newly built (or older, unrecorded) cache gets ``source_identity.json``: every source file's name, size and
+  a content digest (local files) or the object store's version tag (generation, ETag, checksum).
+
+The format settings, tokenizer and chat template are the other half of a cache's identity; they are in the
+cache's ledger and checked when it is opened (``levanter.data.text.preference_cache``).
+"""
+
+import hashlib
+import json
+import logging
+
+import fsspec
+import jax
+
+from levanter.data.text.datasets import UrlDatasetSourceConfig, _component_cache_path
+from levanter.data.text.preference import PreferenceLmDataConfig
+from levanter.store.cache import TreeCache
+
+from .preference_sources import _display_name, build_caches_naming_bad_lines
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FILE = "source_identity.json"
+LEDGER_FILE = "shard_ledger.json"
+# object-store metadata that changes whenever an object's content does
+_VERSION_KEYS = ("generation", "ETag", "etag", "md5Hash", "crc32c", "content_md5", "version_id")
+
+
+def _local_digest(fs, path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_identity(config: PreferenceLmDataConfig, name: str, split: str) -> dict[str, dict] | None:
+    """``{file: {"size", "version"}}`` for a component's split, or None when its source is not a list of files."""
+    source = config.components[name].source
+    if not isinstance(source, UrlDatasetSourceConfig):
+        return None
+    files: dict[str, dict] = {}
+    for url in source.urls_for_split(split):
+        for opened in fsspec.open_files(url, "rb"):
+            info = opened.fs.info(opened.path)
+            if "file" in opened.fs.protocol:
+                version = _local_digest(opened.fs, opened.path)
+            else:
+                version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k)), str(info.get("mtime")))
+            files[_display_name(opened)] = {"size": info.get("size"), "version": version}
+    return files
+
+
+def _differences(built: dict[str, dict], now: dict[str, dict]) -> list[str]:
+    changes = [f"{f} is no longer a source" for f in sorted(set(built) - set(now))]
+    changes += [f"{f} is a new source" for f in sorted(set(now) - set(built))]
+    for f in sorted(set(built) & set(now)):
+        if built[f]["size"] != now[f]["size"]:
+            changes.append(f"{f} changed size ({built[f]['size']} -> {now[f]['size']} bytes)")
+        elif built[f]["version"] != now[f]["version"]:
+            changes.append(f"{f} changed content")
+    return changes
+
+
+def _finished(fs, path: str) -> bool:
+    ledger = f"{path}/{LEDGER_FILE}"
+    if not fs.exists(ledger):
+        return False
+    with fs.open(ledger) as f:
+        return bool(json.load(f).get("is_finished"))
+
+
+def check_or_clear(config: PreferenceLmDataConfig, name: str, split: str, identity: dict | None) -> None:
+    """Refuses a finished cache built from other sources; removes an unfinished one."""
+    path = _component_cache_path(name, config.components[name], config.cache_dir, split)
+    if path is None:
+        return
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        return
+    if not _finished(fs, fs_path):
+        logger.warning(f"The {split} cache at {path} was never finished (its build stopped); building it again")
+        fs.rm(fs_path, recursive=True)
+        return
+    if identity is None or not fs.exists(f"{fs_path}/{IDENTITY_FILE}"):
+        return
+    with fs.open(f"{fs_path}/{IDENTITY_FILE}") as f:
+        changes = _differences(json.load(f), identity)
+    if changes:
+        raise ValueError(
+            f"The {split} cache of preference component {name!r} at {path} was built from other data: "
+            f"{'; '.join(changes[:5])}{' ...' if len(changes) > 5 else ''}. Delete it to rebuild it, or set another "
+            "cache_dir"
+        )
+
+
+def _record(cache: TreeCache, identity: dict) -> None:
+    fs, path = fsspec.core.url_to_fs(cache.cache_dir)
+    if not fs.exists(f"{path}/{IDENTITY_FILE}"):
+        with fs.open(f"{path}/{IDENTITY_FILE}", "w") as f:
+            json.dump(identity, f, indent=2)
+
+
+def build_identified_caches(config: PreferenceLmDataConfig, split: str) -> dict[str, TreeCache]:
+    """Levanter's ``build_caches`` for a split, with every cache tied to its sources (see the module docstring)."""
+    identities = {name: source_identity(config, name, split) for name in config.components}
+    leader = jax.process_index() == 0  # one writer; Levanter's builder also builds on process 0 only
+    for name, identity in identities.items():
+        if leader:
+            check_or_clear(config, name, split, identity)
+    caches = build_caches_naming_bad_lines(config, split)
+    for name, cache in caches.items():
+        if leader and identities.get(name) is not None:
+            _record(cache, identities[name])
+    return caches
