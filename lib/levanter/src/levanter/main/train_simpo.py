@@ -36,6 +36,7 @@ from levanter.data.text.preference_pairs import PAIR_LAYOUTS, PairLayout, build_
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_packing import pairs_axis, packed_logp_sums_and_counts, prefix_shared_logp_sums_and_counts
+from levanter.main.simpo_run import RunLifecycle, validate_run_settings
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig, LmExample, LmHeadModel
@@ -101,6 +102,7 @@ class TrainSimpoConfig:
 
 def validate_config(config: TrainSimpoConfig) -> None:
     """Rejects settings that would train something other than SimPO, before any data or model is touched."""
+    validate_run_settings(config)
     if not (math.isfinite(config.beta) and config.beta > 0):
         raise ValueError(f"beta must be a positive finite number, got {config.beta}")
     if not math.isfinite(config.gamma_beta_ratio):
@@ -350,7 +352,8 @@ def main(config: TrainSimpoConfig):
             key=key,
         )
 
-    with Trainer(config.trainer, optimizer, loss_function) as trainer:
+    with RunLifecycle(config) as run, Trainer(config.trainer, optimizer, loss_function) as trainer:
+        run.attach(trainer)
         data_key, model_key, training_key = jrandom.split(jrandom.PRNGKey(config.trainer.seed), 3)
         if config.data_seed is not None:
             logger.info(f"Overriding data seed with {config.data_seed}")
@@ -413,6 +416,8 @@ def main(config: TrainSimpoConfig):
             state = trainer.initial_state(
                 training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
             )
+        if run.already_finished(state):
+            return
         if resuming and not isinstance(config.adapter, NoAdaptorConfig):
             # adapter checkpoints hold only the trainable weights; rebuild the frozen base underneath them
             source_model = load_source_model()
@@ -441,12 +446,12 @@ def main(config: TrainSimpoConfig):
         evaluator = None
         if splits.validation:
             evaluator = HeldOutEvaluator(trainer, splits.validation)
-            trainer.add_hook(evaluator, every=config.trainer.steps_per_eval)
+            trainer.add_hook(run.unless_preempted(evaluator), every=config.trainer.steps_per_eval)
         else:
             logger.warning("No held-out preference pairs: training without evaluation.")
 
         config.adapter.install_export_hooks(
-            trainer=trainer,
+            trainer=run.once_per_step(trainer),
             converter=model_context.converter,
             tokenizer=tokenizer,
             export=AdaptorExportConfig(
@@ -468,18 +473,19 @@ def main(config: TrainSimpoConfig):
         guard = NonFiniteGuard(trainer.config.batch_schedule)
         if config.trainer.crash_on_nan or config.trainer.crash_on_inf:
             trainer.add_hook(guard, every=1)
-        train_loader = guard.track(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
+        batches = run.train_batches(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
+        train_loader = guard.track(batches, int(state.step))
         with guard.reporting():
             trainer.train(state, train_loader)
 
         if trainer.config.checkpointer is not None:
             trainer.config.checkpointer.create(trainer.run_id).wait_until_finished()
 
+    run.report()
     if evaluator is not None and evaluator.latest:
         summary = evaluator.summary()
         logger.info(summary)
         print(summary, flush=True)
-    trainer.tracker.finish()
 
 
 if __name__ == "__main__":
