@@ -102,7 +102,6 @@ class TrainSimpoConfig:
 
 def validate_config(config: TrainSimpoConfig) -> None:
     """Rejects settings that would train something other than SimPO, before any data or model is touched."""
-    validate_run_settings(config)
     if not (math.isfinite(config.beta) and config.beta > 0):
         raise ValueError(f"beta must be a positive finite number, got {config.beta}")
     if not math.isfinite(config.gamma_beta_ratio):
@@ -132,6 +131,7 @@ def validate_config(config: TrainSimpoConfig) -> None:
                 f"data component {name!r} sets mask_user_turns: false, which trains on prompt and padding tokens; "
                 "SimPO averages over completion tokens only"
             )
+    validate_run_settings(config)
 
 
 def _as_array(x: hax.NamedArray | jnp.ndarray) -> jnp.ndarray:
