@@ -6,6 +6,7 @@ next step boundary and the resumed run ends bit-identical to an uninterrupted on
 run id is refused, and bad run ids, step budgets, loss scales and output paths stop the run before it starts."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import jax
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from simpo_tiny_run import (
     REPO,
     SAVE_EVERY,
     STEPS,
+    TrackedMetrics,
     child_log_tail,
     collect_child,
     final_model,
@@ -34,6 +37,7 @@ from simpo_tiny_run import (
 )
 
 from levanter.main import train_simpo
+from levanter.main.simpo_run import RunLease, RunLeaseHeldError
 
 CRASH_SIGNS = ("Traceback", "Exception ignored", "Fatal Python error", "terminate called", "Segmentation fault")
 
@@ -236,3 +240,29 @@ def test_an_unwritable_export_path_stops_the_run_before_its_first_step(tmp_path)
     with pytest.raises(ValueError, match=f"hf_save_path: cannot write to {blocker / 'hf'}"):
         train_simpo.main(config)
     assert not list((tmp_path / "checkpoints").rglob("step-*"))
+
+
+def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(tmp_path):
+    # fsspec's in-memory filesystem stands for an object store: the lease goes through the same fsspec calls
+    directory = f"memory://{tmp_path}/checkpoints/run"
+    first = RunLease(directory, "run")
+    first.acquire()
+    with pytest.raises(RunLeaseHeldError, match=f"leased by host {socket.gethostname()} pid {os.getpid()} since"):
+        RunLease(directory, "run").acquire()
+    first.release()
+
+    # a lease naming a process that has exited: the next start takes it over and says so
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(exited.stdout)
+    fs, path = fsspec.core.url_to_fs(f"{directory}/lease.json")
+    record = {"run_id": "run", "host": socket.gethostname(), "pid": dead_pid, "process_started": 0.0, "renewed": 0.0}
+    fs.pipe(path, json.dumps(record).encode())
+    said = TrackedMetrics()  # Levanter resets the root logging handlers, so caplog may not see the record
+    logging.getLogger("levanter.main.simpo_run").addHandler(said)
+    try:
+        RunLease(directory, "run").acquire()
+    finally:
+        logging.getLogger("levanter.main.simpo_run").removeHandler(said)
+    takeover = f"taking over the stale lease {directory}/lease.json of host {socket.gethostname()} pid {dead_pid}"
+    assert any(takeover in m and m.endswith("(that process is gone)") for m in said.messages), said.messages
+    assert json.loads(fs.cat(path))["pid"] == os.getpid()
