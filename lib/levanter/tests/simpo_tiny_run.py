@@ -269,7 +269,7 @@ def single_device_runs(base: Path) -> SingleDeviceRuns:
     checkpoints = tmp / "checkpoints" / "preempted"
     _kill_after_checkpoint(tmp, child, out, checkpoints / f"step-{SAVE_EVERY}")
     killed = {int(s): m for s, m in json.loads(out.read_text())["frozen"].items()}
-    checkpoints_at_kill = sorted(p.name for p in checkpoints.iterdir())
+    checkpoints_at_kill = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())  # not the run's lease.json
     diverging = run_overrides("diverged", "--optimizer.learning_rate", "1e30", "--optimizer.warmup", "0")
     runs = [
         {"name": "resumed", "overrides": preempted},

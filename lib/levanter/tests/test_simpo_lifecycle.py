@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -266,3 +267,20 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     takeover = f"taking over the stale lease {directory}/lease.json of host {socket.gethostname()} pid {dead_pid}"
     assert any(takeover in m and m.endswith("(that process is gone)") for m in said.messages), said.messages
     assert json.loads(fs.cat(path))["pid"] == os.getpid()
+
+
+def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("early_sigterm")
+    shared = shared_setup(tmp_path_factory.getbasetemp())
+    child, out = start_child(tmp, shared, [{"name": "early", "overrides": run_overrides("early")}])
+    lease = tmp / "checkpoints" / "early" / "lease.json"  # taken once the SIGTERM handler is in place
+    while not lease.exists():
+        assert child.poll() is None, child_log_tail(tmp)
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGTERM)
+    collect_child(tmp, child, out)
+    log = (tmp / "child.log").read_text()
+    assert child.returncode == 0, log[-4000:]
+    assert "Run early preempted (SIGTERM) before its first step here; nothing new to save" in log
+    assert not list((tmp / "checkpoints" / "early").glob("step-*"))
+    assert not lease.exists()

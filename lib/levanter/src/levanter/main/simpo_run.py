@@ -107,7 +107,10 @@ def validate_run_settings(config) -> None:
 
 def output_paths(config, run_id: str) -> dict[str, str]:
     """Every place the run writes, by the config field that names it."""
-    paths = {"trainer.checkpointer.base_path": config.trainer.checkpointer.expanded_path(run_id)}
+    checkpointer = config.trainer.checkpointer
+    paths = {"trainer.checkpointer.base_path": checkpointer.expanded_path(run_id)}
+    if checkpointer.temporary_base_path is not None:
+        paths["trainer.checkpointer.temporary_base_path"] = checkpointer.expanded_temporary_path(run_id)
     for name in ("hf_save_path", "peft_save_path", "merged_hf_save_path"):
         if getattr(config, name) is not None:
             paths[name] = getattr(config, name)
@@ -328,9 +331,14 @@ class RunLifecycle:
 
     def __enter__(self) -> "RunLifecycle":
         check_writable(output_paths(self.config, self.run_id))
-        if self._is_primary:
-            self._lease.acquire()
+        # before the lease, so a run that holds it also handles SIGTERM
         self.preemption.install()
+        try:
+            if self._is_primary:
+                self._lease.acquire()
+        except BaseException:
+            self.preemption.uninstall()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
