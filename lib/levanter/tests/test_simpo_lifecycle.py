@@ -260,13 +260,16 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     fs.pipe(path, json.dumps(record).encode())
     said = TrackedMetrics()  # Levanter resets the root logging handlers, so caplog may not see the record
     logging.getLogger("levanter.main.simpo_run").addHandler(said)
+    taker = RunLease(directory, "run")
     try:
-        RunLease(directory, "run").acquire()
+        taker.acquire()
     finally:
         logging.getLogger("levanter.main.simpo_run").removeHandler(said)
     takeover = f"taking over the stale lease {directory}/lease.json of host {socket.gethostname()} pid {dead_pid}"
     assert any(takeover in m and m.endswith("(that process is gone)") for m in said.messages), said.messages
     assert json.loads(fs.cat(path))["pid"] == os.getpid()
+    taker.release()
+    assert not fs.exists(path)
 
 
 def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path_factory):

@@ -52,11 +52,11 @@ the margin: 6e-6 at 100, and at 1e38 the margin is lost entirely (the issue's ``
 non-finite loss). A beta of 1e3 already turns the sigmoid into a step for margins 0.01 apart."""
 
 LEASE_FILE = "lease.json"
-LEASE_STALE_AFTER = datetime.timedelta(minutes=30)
-"""A lease held from another host, whose process this one cannot look up, is stale when not renewed for this long.
-The holder renews it after each step, at most once a minute; keep this above the longest gap between two steps
-(compilation, evaluation, a checkpoint or HF export)."""
 LEASE_RENEW_EVERY = datetime.timedelta(minutes=1)
+LEASE_STALE_AFTER = datetime.timedelta(minutes=10)
+"""A lease held from another host, whose process this one cannot look up, is stale when not renewed for this long.
+The holder renews it every ``LEASE_RENEW_EVERY`` from a thread of its own, whatever the run is doing (building the
+data cache, compiling, saving), until it releases it."""
 
 
 class RunLeaseHeldError(RuntimeError):
@@ -166,14 +166,18 @@ class RunLease:
             "process_started": psutil.Process().create_time(),
             "token": uuid.uuid4().hex,
         }
-        self._renewed = 0.0
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def acquire(self) -> None:
         self._fs.makedirs(self._plain.rsplit("/", 1)[0], exist_ok=True)
+        self._record["taken"] = time.time()
         for _ in range(3):
             if self._create():
                 host, pid = self._record["host"], self._record["pid"]
                 logger.info(f"Run {self.run_id}: took the lease {self.path} (host {host}, pid {pid})")
+                self._renewer = threading.Thread(target=self._renew, name="simpo-run-lease", daemon=True)
+                self._renewer.start()
                 return
             holder = self._read()
             if holder is None:
@@ -182,7 +186,7 @@ class RunLease:
             if stale is None:
                 raise RunLeaseHeldError(
                     f"Run {self.run_id} is already running: its checkpoint directory is leased by host "
-                    f"{holder.get('host')} pid {holder.get('pid')} since {_when(holder.get('renewed'))} "
+                    f"{holder.get('host')} pid {holder.get('pid')} since {_when(holder.get('taken'))} "
                     f"({self.path}). Two writers would overwrite each other's checkpoints and exports; wait for "
                     "that process to end or stop it, or use another trainer.id."
                 )
@@ -194,14 +198,19 @@ class RunLease:
                 self._fs.rm(self._plain)
         raise RunLeaseHeldError(f"Run {self.run_id}: could not take the lease {self.path}; another process keeps at it")
 
-    def renew(self, info: StepInfo | None = None) -> None:
-        """A trainer hook: refreshes the lease's time, at most once every ``LEASE_RENEW_EVERY``."""
-        del info
-        if time.time() - self._renewed < LEASE_RENEW_EVERY.total_seconds():
-            return
-        self._write()
+    def _renew(self) -> None:
+        while not self._stop_renewing.wait(LEASE_RENEW_EVERY.total_seconds()):
+            try:
+                self._write()
+            except Exception:  # a storage hiccup; the next renewal may succeed, and the lease is stale only after many
+                logger.exception(f"Run {self.run_id}: could not renew the lease {self.path}")
 
     def release(self) -> None:
+        # the renewing thread is joined here, so none is left at interpreter shutdown
+        if self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join()
+            self._renewer = None
         holder = self._read()
         if holder is not None and holder.get("token") == self._record["token"]:
             self._fs.rm(self._plain)
@@ -222,8 +231,7 @@ class RunLease:
         return True
 
     def _stamped(self) -> bytes:
-        self._renewed = time.time()
-        return json.dumps({**self._record, "renewed": self._renewed}).encode()
+        return json.dumps({**self._record, "renewed": time.time()}).encode()
 
     def _write(self) -> None:
         with self._fs.open(self._plain, "wb") as f:
@@ -359,10 +367,8 @@ class RunLifecycle:
         return False
 
     def attach(self, trainer) -> None:
-        """Renews the lease after steps; the trainer's tracker is finished on a clean exit."""
+        """The trainer's tracker is finished on a clean exit (not by a no-op rerun, which writes nothing)."""
         self._tracker = trainer.tracker
-        if self._is_primary:
-            trainer.add_hook(self._lease.renew, every=1)
 
     def already_finished(self, state) -> bool:
         """A rerun of a finished run: says so and leaves everything as it is."""
