@@ -6,7 +6,9 @@ processes (``start_child``, ``collect_child``, ``single_device_runs``).
 A child process is what a test needs to give JAX more (virtual) devices, to kill a run hard, or to restart one the
 way a preempted job restarts. ``python simpo_tiny_run.py SPEC.json`` runs the spec's ``runs`` one after another,
 each ``{"name", "overrides"}`` with optionally ``freeze_at_step``: after logging that step's training metrics the
-run writes what it has and sleeps, so the test can SIGKILL it mid-run with a known amount of unsaved work.
+run writes what it has and sleeps, so the test can SIGKILL it mid-run with a known amount of unsaved work; with
+``"freeze_until_signal": true`` it waits there for a signal instead (its handler runs, then the run goes on), so a
+test can SIGTERM it at a known step.
 """
 
 import contextlib
@@ -71,12 +73,13 @@ class TrackedMetrics(logging.Handler):
     """Collects what the json_logger tracker logs, merged per step (Levanter resets the root logging handlers,
     so pytest's caplog does not see these records)."""
 
-    def __init__(self, freeze_at_step: int | None = None, out: Path | None = None):
+    def __init__(self, freeze_at_step: int | None = None, out: Path | None = None, until_signal: bool = False):
         super().__init__(level=logging.INFO)
         self.by_step: dict[int, dict[str, float]] = {}
         self.messages: list[str] = []
         self._freeze_at_step = freeze_at_step
         self._out = out
+        self._until_signal = until_signal
 
     def emit(self, record):
         self.messages.append(record.getMessage())
@@ -86,6 +89,7 @@ class TrackedMetrics(logging.Handler):
                 step = event["step"]
                 self.by_step.setdefault(step, {}).update(event["metrics"])
                 if step == self._freeze_at_step and "train/loss" in event["metrics"]:
+                    self._freeze_at_step = None  # once: Levanter's final forced hooks log the last step again
                     self._freeze()
 
     def _freeze(self):
@@ -94,7 +98,10 @@ class TrackedMetrics(logging.Handler):
         assert self._out is not None
         self._out.write_text(json.dumps({"frozen": self.by_step}))
         Path(f"{self._out}.frozen").touch()
-        time.sleep(600)
+        if self._until_signal:
+            signal.pause()  # returns once a signal's handler has run
+        else:
+            time.sleep(600)
 
 
 def run(config: TrainSimpoConfig, tracked: TrackedMetrics | None = None) -> TrackedMetrics:
@@ -230,14 +237,19 @@ class SingleDeviceRuns:
     """What stopped a run whose learning rate of 1e30 makes step 1 non-finite."""
 
 
-def _kill_after_checkpoint(tmp: Path, child: subprocess.Popen, out: Path, checkpoint: Path, timeout: float = 600):
+def wait_for_freeze(tmp: Path, child: subprocess.Popen, out: Path, *files: Path, timeout: float = 600) -> None:
+    """Waits until the child froze at its ``freeze_at_step`` and ``files`` exist (polling the files it writes)."""
     frozen = Path(f"{out}.frozen")
     deadline = time.monotonic() + timeout
-    while not (frozen.exists() and (checkpoint / "metadata.json").exists()):  # Levanter writes it last
+    while not (frozen.exists() and all(f.exists() for f in files)):
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
-            raise RuntimeError(f"the run to be killed ended or stalled before its checkpoint:\n{child_log_tail(tmp)}")
+            raise RuntimeError(f"the run ended or stalled before it froze:\n{child_log_tail(tmp)}")
         time.sleep(0.05)
+
+
+def _kill_after_checkpoint(tmp: Path, child: subprocess.Popen, out: Path, checkpoint: Path, timeout: float = 600):
+    wait_for_freeze(tmp, child, out, checkpoint / "metadata.json", timeout=timeout)  # Levanter writes it last
     os.kill(child.pid, signal.SIGKILL)
     if child.wait(timeout=60) != -signal.SIGKILL:
         raise RuntimeError(f"the run ended with {child.returncode} instead of being killed:\n{child_log_tail(tmp)}")
@@ -257,7 +269,7 @@ def single_device_runs(base: Path) -> SingleDeviceRuns:
     checkpoints = tmp / "checkpoints" / "preempted"
     _kill_after_checkpoint(tmp, child, out, checkpoints / f"step-{SAVE_EVERY}")
     killed = {int(s): m for s, m in json.loads(out.read_text())["frozen"].items()}
-    checkpoints_at_kill = sorted(p.name for p in checkpoints.iterdir())
+    checkpoints_at_kill = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())  # not the run's lease.json
     diverging = run_overrides("diverged", "--optimizer.learning_rate", "1e30", "--optimizer.warmup", "0")
     runs = [
         {"name": "resumed", "overrides": preempted},
@@ -292,7 +304,7 @@ def _child(spec_path: str):
     out = Path(spec["out"])
     results = {}
     for entry in spec["runs"]:
-        tracked = TrackedMetrics(entry.get("freeze_at_step"), out)
+        tracked = TrackedMetrics(entry.get("freeze_at_step"), out, entry.get("freeze_until_signal", False))
         config = tiny_config(Path(spec["tmp"]), *entry["overrides"], config_path=Path(spec["config"]))
         error = None
         try:

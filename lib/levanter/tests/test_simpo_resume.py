@@ -20,6 +20,9 @@ def test_the_kill_lost_the_steps_after_the_checkpoint(runs):
     assert sorted(train_losses(runs.killed)) == list(range(FREEZE_AT + 1))
     assert runs.checkpoints_at_kill == [f"step-{SAVE_EVERY}"]
     assert f"Resuming SimPO training from step {RESUMES_AT}" in runs.resumed_log
+    # the killed process still named itself in the run's lease; the restart sees it gone and takes over
+    assert "Run preempted: taking over the stale lease" in runs.resumed_log
+    assert "(that process is gone)" in runs.resumed_log
 
 
 def test_resumed_losses_equal_the_uninterrupted_run_bitwise(runs):

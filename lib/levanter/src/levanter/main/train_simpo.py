@@ -41,6 +41,7 @@ from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_length_diagnostics import finish_length_diagnostics
 from levanter.main.simpo_length_diagnostics import length_diagnostics as simpo_length_metrics
 from levanter.main.simpo_layouts import PairLayout, PairLayoutName, Side, check_pair_layout, pair_layout
+from levanter.main.simpo_run import RunLifecycle, validate_run_settings
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig, LmHeadModel
@@ -143,6 +144,7 @@ def validate_config(config: TrainSimpoConfig) -> None:
                 f"data component {name!r} sets mask_user_turns: false, which trains on prompt and padding tokens; "
                 "SimPO averages over completion tokens only"
             )
+    validate_run_settings(config)
 
 
 def _as_array(x: hax.NamedArray | jnp.ndarray) -> jnp.ndarray:
@@ -343,7 +345,8 @@ def main(config: TrainSimpoConfig):
             key=key,
         )
 
-    with Trainer(config.trainer, optimizer, loss_function) as trainer:
+    with RunLifecycle(config) as run, Trainer(config.trainer, optimizer, loss_function) as trainer:
+        run.attach(trainer)
         data_key, model_key, training_key = jrandom.split(jrandom.PRNGKey(config.trainer.seed), 3)
         if config.data_seed is not None:
             logger.info(f"Overriding data seed with {config.data_seed}")
@@ -408,6 +411,8 @@ def main(config: TrainSimpoConfig):
             state = trainer.initial_state(
                 training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
             )
+        if run.already_finished(state):
+            return
         if resuming and not isinstance(config.adapter, NoAdaptorConfig):
             # adapter checkpoints hold only the trainable weights; rebuild the frozen base underneath them
             source_model = load_source_model()
@@ -436,7 +441,7 @@ def main(config: TrainSimpoConfig):
         evaluator = None
         if splits.validation:
             evaluator = HeldOutEvaluator(trainer, splits.validation, loss_function, config.sft_weight)
-            trainer.add_hook(evaluator, every=config.trainer.steps_per_eval)
+            trainer.add_hook(run.unless_preempted(evaluator), every=config.trainer.steps_per_eval)
         else:
             logger.warning("No held-out preference pairs: training without evaluation.")
 
@@ -447,7 +452,7 @@ def main(config: TrainSimpoConfig):
         if converter is not None:
             converter = converter.replaced(tokenizer=served_tokenizer)  # HF exports save the converter's tokenizer
         config.adapter.install_export_hooks(
-            trainer=trainer,
+            trainer=run.once_per_step(trainer),
             converter=converter,
             tokenizer=served_tokenizer,
             export=AdaptorExportConfig(
@@ -474,19 +479,21 @@ def main(config: TrainSimpoConfig):
             # StepInfo reports the step before state.step, so this logs at step 0, as train_dpo does
             evaluator(StepInfo(dataclasses.replace(state, step=1), 0.0, 0.0))
             evaluator.latest_step = None  # the trained model's evaluation after step 0 is another one, not a repeat
-        train_loader = guard.track(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
+        batches = run.train_batches(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
+        train_loader = guard.track(batches, int(state.step))
         with guard.reporting():
             trainer.train(state, train_loader)
 
         if trainer.config.checkpointer is not None:
             trainer.config.checkpointer.create(trainer.run_id).wait_until_finished()
+        # before the trackers finish, which receive it as an artifact
+        simpo_plot.write_run_picture(run_dir)
 
+    run.report()
     if evaluator is not None and evaluator.latest:
         summary = evaluator.summary()
         logger.info(summary)
         print(summary, flush=True)
-    simpo_plot.write_run_picture(run_dir)
-    trainer.tracker.finish()
 
 
 if __name__ == "__main__":

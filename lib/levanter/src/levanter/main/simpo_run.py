@@ -1,0 +1,459 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""The lifecycle of one SimPO run around Levanter's trainer: what it refuses at start, the lease that makes it the
+only writer of its checkpoints, preemption, the no-op rerun of a finished run, and a clean exit.
+
+``main`` uses it as::
+
+    with RunLifecycle(config) as run, Trainer(...) as trainer:
+        run.attach(trainer)
+        ...
+        if run.already_finished(state):
+            return
+        trainer.add_hook(run.unless_preempted(evaluator), ...)
+        adapter.install_export_hooks(trainer=run.once_per_step(trainer), ...)
+        trainer.train(state, run.train_batches(loader.iter_from_step(state.step), state.step))
+    run.report()
+"""
+
+import atexit
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, TypeVar
+
+import fsspec
+import jax
+import numpy as np
+import psutil
+from jax.experimental import multihost_utils
+
+from levanter.callbacks import StepInfo
+
+logger = logging.getLogger(__name__)
+
+X = TypeVar("X")
+
+MAX_BETA = 1e3
+MAX_ABS_GAMMA_BETA_RATIO = 1e2
+"""Bounds on ``beta`` and ``|gamma_beta_ratio|``. The loss is ``softplus(-beta * (margin - gamma_beta_ratio))`` with
+``margin`` a difference of length-normalised log-probs, a few nats in practice (the paper's beta is 2-10, its
+ratio 0.3-1.6). float32 keeps about 7 significant digits, so the ratio costs ``|ratio| * 6e-8`` nats of resolution on
+the margin: 6e-6 at 100, and at 1e38 the margin is lost entirely (the issue's ``--gamma_beta_ratio 1e38`` made a
+non-finite loss). A beta of 1e3 already turns the sigmoid into a step for margins 0.01 apart."""
+
+LEASE_FILE = "lease.json"
+LEASE_RENEW_EVERY = datetime.timedelta(minutes=1)
+LEASE_STALE_AFTER = datetime.timedelta(minutes=10)
+"""A lease held from another host, whose process this one cannot look up, is stale when not renewed for this long.
+The holder renews it every ``LEASE_RENEW_EVERY`` from a thread of its own, whatever the run is doing (building the
+data cache, compiling, saving), until it releases it."""
+
+
+class RunLeaseHeldError(RuntimeError):
+    """Another live process holds this run's checkpoint directory."""
+
+
+def check_run_id(run_id: str) -> None:
+    """A run id names one directory under each output base path, so it must be a plain name."""
+    problems = []
+    if not run_id:
+        problems.append("is empty")
+    if os.path.isabs(run_id) or run_id.startswith("~"):
+        problems.append("is an absolute path")
+    if any(sep in run_id for sep in ("/", "\\")):
+        problems.append("contains a path separator")
+    if ".." in run_id:
+        problems.append("contains '..'")
+    if run_id == "." or any(c in run_id for c in "\0\n\r\t"):
+        problems.append("is not a plain name")
+    if ":" in run_id:
+        problems.append("contains ':' (a URL scheme or drive)")
+    if problems:
+        raise ValueError(
+            f"trainer.id {run_id!r} {' and '.join(dict.fromkeys(problems))}: a run id names one directory under the "
+            "checkpoint, export and log paths, so it must be a plain name like 'simpo_tiny_gpt2'"
+        )
+
+
+def validate_run_settings(config) -> None:
+    """The run-level settings of a ``TrainSimpoConfig``: run id, step budget and the loss's scale."""
+    run_id = config.trainer.id if config.trainer.id is not None else os.environ.get("RUN_ID")
+    if run_id is not None:
+        check_run_id(run_id)
+    if config.trainer.num_train_steps < 1:
+        raise ValueError(f"trainer.num_train_steps must be at least 1, got {config.trainer.num_train_steps}")
+    if not config.beta <= MAX_BETA:
+        raise ValueError(
+            f"beta must be at most {MAX_BETA:g}, got {config.beta:g}: beyond it the loss is a step function of the "
+            "margin (SIMPO.md, bad-input catalogue)"
+        )
+    if not abs(config.gamma_beta_ratio) <= MAX_ABS_GAMMA_BETA_RATIO:
+        raise ValueError(
+            f"gamma_beta_ratio must be within +-{MAX_ABS_GAMMA_BETA_RATIO:g}, got {config.gamma_beta_ratio:g}: "
+            "a length-normalised log-prob margin is a few nats, and float32 cannot resolve it against a larger "
+            "target (SIMPO.md, bad-input catalogue)"
+        )
+
+
+def output_paths(config, run_id: str) -> dict[str, str]:
+    """Every place the run writes, by the config field that names it."""
+    checkpointer = config.trainer.checkpointer
+    paths = {"trainer.checkpointer.base_path": checkpointer.expanded_path(run_id)}
+    if checkpointer.temporary_base_path is not None:
+        paths["trainer.checkpointer.temporary_base_path"] = checkpointer.expanded_temporary_path(run_id)
+    for name in ("hf_save_path", "peft_save_path", "merged_hf_save_path"):
+        if getattr(config, name) is not None:
+            paths[name] = getattr(config, name)
+    paths["trainer.log_dir"] = str(config.trainer.log_dir)
+    trackers = config.trainer.tracker if isinstance(config.trainer.tracker, (list, tuple)) else [config.trainer.tracker]
+    for i, tracker in enumerate(trackers):
+        if getattr(tracker, "output_path", None):
+            paths[f"trainer.tracker[{i}].output_path"] = tracker.output_path
+    return paths
+
+
+def check_writable(paths: dict[str, str]) -> None:
+    """Creates each directory and writes and removes a probe file in it, so a bad path fails before the first step
+    instead of at the first save after hours of training."""
+    for field, path in paths.items():
+        fs, plain = fsspec.core.url_to_fs(path)
+        probe = f"{plain.rstrip('/')}/.simpo_write_probe-{uuid.uuid4().hex}"
+        try:
+            fs.makedirs(plain, exist_ok=True)
+            with fs.open(probe, "wb") as f:
+                f.write(b"probe")
+            fs.rm(probe)
+        except Exception as e:
+            raise ValueError(f"{field}: cannot write to {path}: {type(e).__name__}: {e}") from e
+
+
+def _process_alive(pid: int, started: float | None) -> bool:
+    try:
+        process = psutil.Process(pid)
+        # a recycled pid belongs to a process started later than the holder
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+class RunLease:
+    """An exclusive lease on a run's checkpoint directory: ``lease.json`` names the holder's host and pid.
+
+    Taken with an exclusive create (``open(..., "xb")``: O_EXCL on local disk, a create-if-absent precondition on
+    object stores whose fsspec driver supports it). A lease whose holder is gone is taken over with a log line: on
+    the same host the holder's pid (and its start time) says so at once; from another host, a lease not renewed for
+    ``LEASE_STALE_AFTER``.
+    """
+
+    def __init__(self, checkpoint_dir: str, run_id: str):
+        self.path = f"{checkpoint_dir.rstrip('/')}/{LEASE_FILE}"
+        self.run_id = run_id
+        self._fs, self._plain = fsspec.core.url_to_fs(self.path)
+        self._record = {
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "process_started": psutil.Process().create_time(),
+            "token": uuid.uuid4().hex,
+        }
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        self._fs.makedirs(self._plain.rsplit("/", 1)[0], exist_ok=True)
+        self._record["taken"] = time.time()
+        for _ in range(3):
+            if self._create():
+                host, pid = self._record["host"], self._record["pid"]
+                logger.info(f"Run {self.run_id}: took the lease {self.path} (host {host}, pid {pid})")
+                self._renewer = threading.Thread(target=self._renew, name="simpo-run-lease", daemon=True)
+                self._renewer.start()
+                return
+            holder = self._read()
+            if holder is None:
+                continue  # released between our create and read
+            stale = self._staleness(holder)
+            if stale is None:
+                raise RunLeaseHeldError(
+                    f"Run {self.run_id} is already running: its checkpoint directory is leased by host "
+                    f"{holder.get('host')} pid {holder.get('pid')} since {_when(holder.get('taken'))} "
+                    f"({self.path}). Two writers would overwrite each other's checkpoints and exports; wait for "
+                    "that process to end or stop it, or use another trainer.id."
+                )
+            logger.warning(
+                f"Run {self.run_id}: taking over the stale lease {self.path} of host {holder.get('host')} pid "
+                f"{holder.get('pid')} ({stale})"
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm(self._plain)
+        raise RunLeaseHeldError(f"Run {self.run_id}: could not take the lease {self.path}; another process keeps at it")
+
+    def _renew(self) -> None:
+        while not self._stop_renewing.wait(LEASE_RENEW_EVERY.total_seconds()):
+            try:
+                self._write()
+            except Exception:  # a storage hiccup; the next renewal may succeed, and the lease is stale only after many
+                logger.exception(f"Run {self.run_id}: could not renew the lease {self.path}")
+
+    def release(self) -> None:
+        # the renewing thread is joined here, so none is left at interpreter shutdown
+        if self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join()
+            self._renewer = None
+        holder = self._read()
+        if holder is not None and holder.get("token") == self._record["token"]:
+            self._fs.rm(self._plain)
+
+    def _create(self) -> bool:
+        record = self._stamped()
+        try:
+            with self._fs.open(self._plain, "xb") as f:
+                f.write(record)
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):
+            # a driver without exclusive create: write, then read back to see whose lease stands
+            if self._fs.exists(self._plain):
+                return False
+            self._write()
+            return (self._read() or {}).get("token") == self._record["token"]
+        return True
+
+    def _stamped(self) -> bytes:
+        return json.dumps({**self._record, "renewed": time.time()}).encode()
+
+    def _write(self) -> None:
+        with self._fs.open(self._plain, "wb") as f:
+            f.write(self._stamped())
+
+    def _read(self) -> dict | None:
+        try:
+            with self._fs.open(self._plain, "rb") as f:
+                return json.loads(f.read() or b"{}")
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return {}  # a torn write: treated as a lease of unknown owner, stale by its age below
+
+    def _staleness(self, holder: dict) -> str | None:
+        """Why ``holder`` no longer holds the lease, or None if it may still."""
+        if holder.get("host") == self._record["host"] and isinstance(holder.get("pid"), int):
+            if _process_alive(holder["pid"], holder.get("process_started")):
+                return None
+            return "that process is gone"
+        renewed = holder.get("renewed")
+        if renewed is None:
+            renewed = self._fs.modified(self._plain).timestamp()
+        age = time.time() - renewed
+        if age > LEASE_STALE_AFTER.total_seconds():
+            return f"not renewed for {age:.0f} s"
+        return None
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "an unknown time"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class RunPreempted(Exception):
+    """Preemption came before this process trained a step: there is nothing new to save."""
+
+
+class Preemption:
+    """SIGTERM (the first signal of a TPU or cloud preemption) asks the run to stop at the next step boundary.
+
+    ``stop_requested`` is asked once per step, between steps; with several hosts they agree on the step: JAX's
+    preemption sync point where ``jax.distributed`` runs the preemption service (it catches SIGTERM itself), else
+    any host's SIGTERM stops every host at the same step (one small all-gather per step).
+    """
+
+    def __init__(self):
+        self.signalled = False
+        self.stopped_after_step: int | None = None
+        self._previous_handler: Any = None
+        self._installed = False
+        self._use_jax_sync_point = jax.process_count() > 1 and _jax_preemption_service_running()
+
+    def install(self) -> None:
+        if self._use_jax_sync_point:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            # Python delivers signals to the main thread only; whoever runs us in a thread owns SIGTERM
+            logger.info("SimPO run started outside the main thread: SIGTERM is left to the caller")
+            return
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            # None: the previous handler was not set from Python; the default is the closest we can restore
+            previous = self._previous_handler
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self.signalled = True
+        logger.warning("SIGTERM: stopping at the next step boundary and saving a checkpoint there")
+
+    def stop_requested(self, next_step: int) -> bool:
+        if self._use_jax_sync_point:
+            return multihost_utils.reached_preemption_sync_point(next_step)
+        if jax.process_count() == 1:
+            return self.signalled
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.signalled))))
+
+
+def _jax_preemption_service_running() -> bool:
+    from jax._src import distributed  # the public API has no query for it; reached_preemption_sync_point raises
+
+    return distributed.global_state.preemption_sync_manager is not None
+
+
+class RunLifecycle:
+    """Enter before the ``Trainer``, so it outlives it: checks the outputs, takes the lease, handles SIGTERM; on
+    exit stops the data loader's threads, releases the lease and closes wandb, so the interpreter exits cleanly."""
+
+    def __init__(self, config):
+        self.config = config
+        self.run_id: str = config.trainer.id
+        check_run_id(self.run_id)
+        self.preemption = Preemption()
+        self._lease = RunLease(config.trainer.checkpointer.expanded_path(self.run_id), self.run_id)
+        self._is_primary = jax.process_index() == 0
+        self._closers: list[Callable[[], None]] = []
+        self._tracker = None
+        self._noop = False
+
+    def __enter__(self) -> "RunLifecycle":
+        check_writable(output_paths(self.config, self.run_id))
+        # before the lease, so a run that holds it also handles SIGTERM
+        self.preemption.install()
+        try:
+            if self._is_primary:
+                self._lease.acquire()
+        except BaseException:
+            self.preemption.uninstall()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.preemption.uninstall()
+        for close in reversed(self._closers):
+            close()
+        if self._tracker is not None and (exc is None or isinstance(exc, RunPreempted)) and not self._noop:
+            self._tracker.finish()
+        if self._is_primary:
+            self._lease.release()
+        close_wandb()
+        if isinstance(exc, RunPreempted):
+            logger.warning(
+                f"Run {self.run_id} preempted (SIGTERM) before its first step here; nothing new to save. "
+                "Rerun the same command to continue."
+            )
+            return True
+        return False
+
+    def attach(self, trainer) -> None:
+        """The trainer's tracker is finished on a clean exit (not by a no-op rerun, which writes nothing)."""
+        self._tracker = trainer.tracker
+
+    def already_finished(self, state) -> bool:
+        """A rerun of a finished run: says so and leaves everything as it is."""
+        step, target = int(state.step), self.config.trainer.num_train_steps
+        if step < target:
+            return False
+        self._noop = True
+        logger.info(
+            f"Run {self.run_id} already finished: its checkpoint holds {step} steps of {target}. Nothing to do; "
+            "nothing written. Raise trainer.num_train_steps to train further, or use a new trainer.id."
+        )
+        return True
+
+    def train_batches(self, batches: Iterator[X], first_step: int) -> Iterator[X]:
+        """``batches`` (a ``DataLoaderIterator``), ending at the step boundary where preemption is agreed; its
+        prefetch thread is stopped and joined when the run ends."""
+        if hasattr(batches, "close"):
+            self._closers.append(batches.close)
+        return self._until_preempted(batches, first_step)
+
+    def _until_preempted(self, batches: Iterator[X], first_step: int) -> Iterator[X]:
+        for step, batch in enumerate(batches, start=first_step):
+            if self.preemption.stop_requested(step):
+                if step == first_step:
+                    raise RunPreempted()
+                # the trainer's final forced hooks save the checkpoint of the last finished step
+                self.preemption.stopped_after_step = step - 1
+                logger.warning(f"Run {self.run_id} preempted: stopping after step {step - 1}, saving its checkpoint")
+                return
+            yield batch
+
+    def unless_preempted(self, hook: Callable[[StepInfo], Any]) -> Callable[[StepInfo], Any]:
+        """A hook skipped at the preemption stop (evaluation and exports are not worth a preemption's grace period)."""
+
+        def run(info: StepInfo):
+            if self.preemption.stopped_after_step is None:
+                return hook(info)
+
+        return run
+
+    def once_per_step(self, trainer):
+        """The trainer as ``install_export_hooks`` sees it: each export hook writes once per step (Levanter's final
+        forced hooks run the periodic ones again at the last step) and never at a preemption stop."""
+        return _OncePerStepHooks(trainer, self)
+
+    def report(self) -> None:
+        step = self.preemption.stopped_after_step
+        if step is not None:
+            message = (
+                f"Run {self.run_id} preempted: saved checkpoint step-{step} at the step boundary; rerun the same "
+                f"command to resume from step {step + 1}"
+            )
+            logger.warning(message)
+            print(message, flush=True)
+
+
+@dataclasses.dataclass
+class _OncePerStepHooks:
+    trainer: Any
+    run: RunLifecycle
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
+
+    def add_hook(self, fn: Callable[[StepInfo], Any], *, every: int):
+        written: set[int] = set()
+
+        def export_once(info: StepInfo):
+            if info.step not in written:
+                written.add(info.step)
+                fn(info)
+
+        return self.trainer.add_hook(self.run.unless_preempted(export_once), every=every)
+
+
+def close_wandb() -> None:
+    """Tears wandb's service down now.
+
+    Levanter's wandb tracker registers an atexit teardown that starts a thread, which Python 3.12 refuses at
+    interpreter shutdown ("can't create new thread at interpreter shutdown"); running it here, while threads may
+    still start, and unregistering it ends the process without that traceback. Without a wandb session it returns
+    at once.
+    """
+    module = sys.modules.get("levanter.tracker.wandb")
+    if module is None:
+        return
+    atexit.unregister(module._teardown_wandb_service_bounded)
+    module._teardown_wandb_service_bounded(module.WandbConfig.service_teardown_timeout)

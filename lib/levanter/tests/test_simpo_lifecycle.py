@@ -1,0 +1,289 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""The lifecycle of a SimPO run, with real processes and real signals: a finished run exits 0 every time and without
+a traceback, a rerun of it changes nothing, the final HF export is written once, SIGTERM saves a checkpoint at the
+next step boundary and the resumed run ends bit-identical to an uninterrupted one, a second process with the same
+run id is refused, and bad run ids, step budgets, loss scales and output paths stop the run before it starts."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import jax
+import numpy as np
+import pytest
+from simpo_tiny_run import (
+    FREEZE_AT,
+    REPO,
+    SAVE_EVERY,
+    STEPS,
+    TrackedMetrics,
+    child_log_tail,
+    collect_child,
+    final_model,
+    run_in_child,
+    run_overrides,
+    shared_setup,
+    start_child,
+    tiny_config,
+    train_losses,
+    wait_for_freeze,
+)
+
+from levanter.main import train_simpo
+from levanter.main.simpo_run import RunLease, RunLeaseHeldError
+
+CRASH_SIGNS = ("Traceback", "Exception ignored", "Fatal Python error", "terminate called", "Segmentation fault")
+
+
+def _cli(tmp: Path, shared: dict, run_id: str, *extra: str) -> list[str]:
+    """The real entry point on the shared tiny subset, writing under ``tmp``."""
+    return [
+        sys.executable,
+        "-m",
+        "levanter.main.train_simpo",
+        "--config_path",
+        shared["config"],
+        *shared["overrides"],
+        "--trainer.id",
+        run_id,
+        "--trainer.train_batch_size",
+        "8",
+        "--trainer.checkpointer.base_path",
+        str(tmp / "checkpoints"),
+        "--trainer.log_dir",
+        str(tmp / "logs"),
+        "--trainer.log_jaxprs",
+        "false",
+        "--trainer.log_xla_hlo",
+        "false",
+        *extra,
+    ]
+
+
+def _run_cli(tmp: Path, name: str, command: list[str]) -> tuple[int, str]:
+    result = subprocess.run(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_DIR": str(tmp)},
+    )
+    (tmp / f"{name}.log").write_text(result.stdout)
+    return result.returncode, result.stdout
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p): (p.read_bytes(), p.stat().st_mtime_ns) for root in roots for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+# ---- finished runs ----
+
+FINISHED_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """Two short runs to the end and a rerun of the first; the second tracks with wandb (disabled), whose atexit
+    teardown used to end every process with a traceback."""
+    tmp = tmp_path_factory.mktemp("finished")
+    shared = shared_setup(tmp_path_factory.getbasetemp())
+
+    def command(run_id: str, tracker: dict) -> list[str]:
+        trackers = [{"type": "json_logger"}, {"type": "json_file", "output_path": str(tmp / "runs" / run_id)}, tracker]
+        return _cli(
+            tmp, shared, run_id,
+            "--trainer.num_train_steps", str(FINISHED_STEPS),
+            "--trainer.tracker", json.dumps([t for t in trackers if t]),
+            # the periodic export falls on the last step too, where Levanter's final forced hooks export again
+            "--hf_save_path", str(tmp / "hf"),
+            "--hf_save_steps", str(FINISHED_STEPS),
+        )  # fmt: skip
+
+    runs = {"first": _run_cli(tmp, "first", command("first", {}))}
+    outputs = (tmp / "checkpoints" / "first", tmp / "hf" / "first", tmp / "runs" / "first")
+    before_rerun = _snapshot(*outputs)
+    runs["rerun"] = _run_cli(tmp, "rerun", command("first", {}))
+    runs["second"] = _run_cli(tmp, "second", command("second", {"type": "wandb", "mode": "disabled", "tags": ["dpo"]}))
+    return {"tmp": tmp, "runs": runs, "before_rerun": before_rerun, "after_rerun": _snapshot(*outputs)}
+
+
+def test_finished_runs_exit_0_without_a_traceback(finished_runs):
+    for name, (status, output) in finished_runs["runs"].items():
+        assert status == 0, f"{name} exited {status}:\n{output[-4000:]}"
+        assert not [s for s in CRASH_SIGNS if s in output], f"{name}:\n{output[-4000:]}"
+
+
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(finished_runs):
+    _, output = finished_runs["runs"]["rerun"]
+    assert f"Run first already finished: its checkpoint holds {FINISHED_STEPS} steps of {FINISHED_STEPS}" in output
+    assert "Saving checkpoint" not in output and "Saving HF-compatible checkpoint" not in output
+    before, after = finished_runs["before_rerun"], finished_runs["after_rerun"]
+    assert any(path.endswith("eval_results.json") for path in before)
+    assert after == before
+    results = json.loads((finished_runs["tmp"] / "runs" / "first" / "eval_results.json").read_text())
+    assert results["train/loss"] > 0
+
+
+def test_the_final_hf_export_is_written_once(finished_runs):
+    _, output = finished_runs["runs"]["first"]
+    last = finished_runs["tmp"] / "hf" / "first" / f"step-{FINISHED_STEPS - 1}"
+    assert output.count(f"Saving HF-compatible checkpoint to {last}\n") == 1
+    assert (last / "config.json").exists()
+
+
+# ---- preemption ----
+
+
+@pytest.fixture(scope="module")
+def preempted_runs(tmp_path_factory):
+    """A run SIGTERMed while step FREEZE_AT's hooks run, then resumed; and an uninterrupted run to compare."""
+    tmp = tmp_path_factory.mktemp("preempted")
+    shared = shared_setup(tmp_path_factory.getbasetemp())
+    preempted = run_overrides("preempted")
+    runs = [{"name": "sigtermed", "overrides": preempted, "freeze_at_step": FREEZE_AT, "freeze_until_signal": True}]
+    child, out = start_child(tmp, shared, runs)
+    wait_for_freeze(tmp, child, out)
+    os.kill(child.pid, signal.SIGTERM)
+    sigtermed = collect_child(tmp, child, out)["sigtermed"]
+    status, log = child.returncode, (tmp / "child.log").read_text()
+    checkpoints = sorted(p.name for p in (tmp / "checkpoints" / "preempted").glob("step-*"))
+    later = tmp / "later"
+    later.mkdir()
+    (later / "checkpoints").symlink_to(tmp / "checkpoints")
+    results = run_in_child(later, shared, [
+        {"name": "resumed", "overrides": preempted},
+        {"name": "reference", "overrides": run_overrides("reference")},
+    ])  # fmt: skip
+    return {
+        "tmp": later, "status": status, "log": log, "sigtermed": sigtermed["steps"], "checkpoints": checkpoints,
+        "resumed": results["resumed"]["steps"], "resumed_log": (later / "child.log").read_text(),
+        "reference": results["reference"]["steps"],
+    }  # fmt: skip
+
+
+def test_sigterm_saves_a_checkpoint_at_the_next_step_boundary_and_exits_0(preempted_runs):
+    assert preempted_runs["status"] == 0, preempted_runs["log"][-4000:]
+    assert f"Run preempted preempted: saved checkpoint step-{FREEZE_AT} at the step boundary" in preempted_runs["log"]
+    assert sorted(train_losses(preempted_runs["sigtermed"])) == list(range(FREEZE_AT + 1))
+    assert preempted_runs["checkpoints"] == [f"step-{SAVE_EVERY}", f"step-{FREEZE_AT}"]
+
+
+def test_the_resume_after_sigterm_loses_no_step_and_ends_bit_identical(preempted_runs):
+    assert f"Resuming SimPO training from step {FREEZE_AT + 1}" in preempted_runs["resumed_log"]
+    reference = train_losses(preempted_runs["reference"])
+    resumed = train_losses(preempted_runs["resumed"])
+    assert sorted(resumed) == list(range(FREEZE_AT + 1, STEPS))
+    assert resumed == {s: reference[s] for s in resumed}
+    final = [jax.tree.leaves(final_model(preempted_runs["tmp"], run_id)) for run_id in ("reference", "preempted")]
+    assert len(final[0]) == len(final[1]) > 0
+    for a, b in zip(*final):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- one writer ----
+
+
+def test_a_second_process_with_the_same_run_id_is_refused_with_the_holders_host_and_pid(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lease")
+    shared = shared_setup(tmp_path_factory.getbasetemp())
+    holding = [{"name": "holder", "overrides": run_overrides("shared"), "freeze_at_step": 0}]
+    holder, out = start_child(tmp, shared, holding)
+    try:
+        wait_for_freeze(tmp, holder, out)
+        status, output = _run_cli(tmp, "second", _cli(tmp, shared, "shared", "--trainer.num_train_steps", "2"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status != 0, output[-4000:]
+    assert f"leased by host {socket.gethostname()} pid {holder.pid}" in output, child_log_tail(tmp)
+    assert "Saving checkpoint" not in output
+
+
+# ---- refused before the run starts ----
+
+
+@pytest.mark.parametrize("run_id", ["../../escaped_run", "../escaped_run", "/abs/path", "a/b", ".."])
+def test_run_ids_that_are_not_plain_names_are_refused(tmp_path, run_id):
+    config = tiny_config(tmp_path, "--trainer.id", run_id)
+    with pytest.raises(ValueError, match=r"trainer.id .* must be a plain name"):
+        train_simpo.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--trainer.num_train_steps", "0"], "trainer.num_train_steps must be at least 1, got 0"),
+        (["--gamma_beta_ratio", "1e38"], r"gamma_beta_ratio must be within \+-100, got 1e\+38"),
+        (["--gamma_beta_ratio", "-101"], r"gamma_beta_ratio must be within \+-100, got -101"),
+        (["--beta", "1e4"], "beta must be at most 1000, got 10000"),
+    ],
+)
+def test_absurd_budgets_and_loss_scales_are_config_errors(tmp_path, args, message):
+    with pytest.raises(ValueError, match=message):
+        train_simpo.validate_config(tiny_config(tmp_path, *args))
+
+
+def test_the_edges_of_the_loss_scale_bounds_are_accepted(tmp_path):
+    train_simpo.validate_config(tiny_config(tmp_path, "--beta", "1000", "--gamma_beta_ratio", "-100"))
+
+
+def test_an_unwritable_export_path_stops_the_run_before_its_first_step(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = tiny_config(tmp_path, "--trainer.id", "unwritable", "--hf_save_path", str(blocker / "hf"))
+    with pytest.raises(ValueError, match=f"hf_save_path: cannot write to {blocker / 'hf'}"):
+        train_simpo.main(config)
+    assert not list((tmp_path / "checkpoints").rglob("step-*"))
+
+
+def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(tmp_path):
+    # fsspec's in-memory filesystem stands for an object store: the lease goes through the same fsspec calls
+    directory = f"memory://{tmp_path}/checkpoints/run"
+    first = RunLease(directory, "run")
+    first.acquire()
+    with pytest.raises(RunLeaseHeldError, match=f"leased by host {socket.gethostname()} pid {os.getpid()} since"):
+        RunLease(directory, "run").acquire()
+    first.release()
+
+    # a lease naming a process that has exited: the next start takes it over and says so
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(exited.stdout)
+    fs, path = fsspec.core.url_to_fs(f"{directory}/lease.json")
+    record = {"run_id": "run", "host": socket.gethostname(), "pid": dead_pid, "process_started": 0.0, "renewed": 0.0}
+    fs.pipe(path, json.dumps(record).encode())
+    said = TrackedMetrics()  # Levanter resets the root logging handlers, so caplog may not see the record
+    logging.getLogger("levanter.main.simpo_run").addHandler(said)
+    taker = RunLease(directory, "run")
+    try:
+        taker.acquire()
+    finally:
+        logging.getLogger("levanter.main.simpo_run").removeHandler(said)
+    takeover = f"taking over the stale lease {directory}/lease.json of host {socket.gethostname()} pid {dead_pid}"
+    assert any(takeover in m and m.endswith("(that process is gone)") for m in said.messages), said.messages
+    assert json.loads(fs.cat(path))["pid"] == os.getpid()
+    taker.release()
+    assert not fs.exists(path)
+
+
+def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("early_sigterm")
+    shared = shared_setup(tmp_path_factory.getbasetemp())
+    child, out = start_child(tmp, shared, [{"name": "early", "overrides": run_overrides("early")}])
+    lease = tmp / "checkpoints" / "early" / "lease.json"  # taken once the SIGTERM handler is in place
+    while not lease.exists():
+        assert child.poll() is None, child_log_tail(tmp)
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGTERM)
+    collect_child(tmp, child, out)
+    log = (tmp / "child.log").read_text()
+    assert child.returncode == 0, log[-4000:]
+    assert "Run early preempted (SIGTERM) before its first step here; nothing new to save" in log
+    assert not list((tmp / "checkpoints" / "early").glob("step-*"))
+    assert not lease.exists()
