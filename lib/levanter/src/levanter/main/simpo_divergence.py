@@ -87,8 +87,8 @@ class DivergenceGuard(Callback):
         message = (
             f"SimPO training step {step}: the loss diverged: {loss:.6g} is {factor:.3g} times the largest of the last "
             f"{len(self._recent)} losses ({recent_max:.6g}, floor {self._config.floor:g}), above divergence.factor="
-            f"{self._config.factor:g}. Training stopped and the model was not exported. Checkpoints from step-{step - 1} "
-            "on hold diverged parameters; "
+            f"{self._config.factor:g}. Training stopped and the model was not exported. Checkpoints from "
+            f"step-{step - 1} on hold diverged parameters; "
             + (
                 f"the last healthy checkpoint is {last_healthy}."
                 if last_healthy
