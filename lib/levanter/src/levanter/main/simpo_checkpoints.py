@@ -217,18 +217,22 @@ class CheckpointRecords(Callback):
             path = prefix_join(root, f"step-{info.step}")
             if path in self._done or not _exists(path):
                 continue
-            # Levanter saves info.state.saveable_state under this directory; the record describes those arrays
+            # Levanter saves info.state.saveable_state under this directory; the record describes those arrays.
+            # Every process takes part in the reduction over the sharded state; process 0 writes, as Levanter does.
             record = {
                 "step": info.step,
                 "identity": self._identity,
                 "checksums": state_checksums(info.state.saveable_state),
             }
-            _write_json(prefix_join(path, RECORD), record)
+            if jax.process_index() == 0:
+                _write_json(prefix_join(path, RECORD), record)
             self._done.add(path)
 
     def mark_diverged(self, step: int) -> None:
         """Marks the checkpoints holding the parameters that made step ``step``'s loss diverge, and later ones, so
         no resume starts from them."""
+        if jax.process_index() != 0:
+            return
         for saved_step, path in checkpoint_dirs(self._roots):
             record_path = prefix_join(path, RECORD)
             record = _read_json(record_path) if saved_step >= step - 1 else None
