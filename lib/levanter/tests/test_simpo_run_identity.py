@@ -175,8 +175,10 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_falls_back(finished, d
     print(log)
     assert f"Not resuming from checkpoint {checkpoints}/step-3: {reason}" in log
     assert f"Resuming from {checkpoints}/step-2, the newest verified checkpoint (step 2), instead of newer ones" in log
-    # step 3 trained again from the intact step-2: the same loss as the undamaged run's
+    # step 3 trained again from the intact step-2: the same loss as the undamaged run's, saved afresh
     assert losses == {3: reference[3]}
+    assert [p.name.split(".")[0] for p in (checkpoints / "superseded").iterdir()] == ["step-3"]
+    assert (checkpoints / "step-3" / "metadata.json").exists() and (checkpoints / "step-3" / RECORD).exists()
 
 
 def test_a_run_whose_checkpoints_are_all_damaged_refuses_to_start_over(finished):
@@ -239,3 +241,5 @@ def test_diverged_checkpoints_are_marked_and_the_rerun_resumes_before_them(finis
     print(log)
     assert f"Not resuming from checkpoint {checkpoints}/step-{step}: diverged: saved after the loss diverged" in log
     assert f"Resuming from {checkpoints}/step-{step - 2}, the newest verified checkpoint" in log
+    moved = sorted(p.name.split(".")[0] for p in (checkpoints / "superseded").iterdir())
+    assert moved == [f"step-{step - 1}", f"step-{step}"]

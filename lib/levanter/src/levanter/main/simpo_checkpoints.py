@@ -11,9 +11,11 @@ stays the commit marker: a checkpoint counts only when it has both files.
 
 On resume, ``resume_verified`` walks the run's checkpoints newest first, says why it skips each unusable one
 (incomplete, damaged, diverged, unreadable, checksums differ), refuses a configuration change with a diff unless
-``allow_config_change`` is set, and resumes from the newest checkpoint whose arrays match their checksums.
+``allow_config_change`` is set, and resumes from the newest checkpoint whose arrays match their checksums, moving
+the skipped newer ones into ``superseded/``.
 """
 
+import datetime
 import fnmatch
 import json
 import logging
@@ -264,6 +266,21 @@ def _checksum_problem(saved: Mapping[str, list[int]], loaded: Mapping[str, list[
     return None
 
 
+def _move_aside(paths: list[str]) -> None:
+    """Moves checkpoints newer than the one a run resumes from into ``superseded/`` next to them: their steps are
+    trained again, and Levanter cannot save into a damaged checkpoint's directory."""
+    if jax.process_index() != 0:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    for path in paths:
+        fs, plain = fsspec.core.url_to_fs(path)
+        parent, name = os.path.split(plain.rstrip("/"))
+        destination = f"{parent}/superseded/{name}.{stamp}"
+        fs.makedirs(f"{parent}/superseded", exist_ok=True)
+        fs.mv(plain, destination, recursive=True)
+        logger.warning(f"Moved {path} aside to {destination}: this run trains its step again")
+
+
 def resume_verified(
     trainer, initial_state: Callable[[], S], identity: Mapping[str, Any], *, allow_config_change: bool
 ) -> S:
@@ -274,11 +291,11 @@ def resume_verified(
     candidates = checkpoint_dirs(trainer.checkpoint_search_paths)
     if not candidates:
         return initial_state()
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
 
     def skip(path: str, why: str):
         logger.warning(f"Not resuming from checkpoint {path}: {why}")
-        skipped.append(f"{path} ({why})")
+        skipped.append((path, why))
 
     for step, path in candidates:
         problem, record = _problem(path)
@@ -312,11 +329,12 @@ def resume_verified(
             continue
         if skipped:
             logger.warning(f"Resuming from {path}, the newest verified checkpoint (step {step}), instead of newer ones")
+            _move_aside([p for p, _ in skipped])
         else:
             logger.info(f"Checkpoint {path} verified: configuration and array checksums match")
         return state
     raise NoUsableCheckpointError(
         "This run has checkpoints but none can be resumed from:\n  "
-        + "\n  ".join(skipped)
+        + "\n  ".join(f"{p} ({why})" for p, why in skipped)
         + "\nStarting over would overwrite them: move them away or use another --trainer.id."
     )
