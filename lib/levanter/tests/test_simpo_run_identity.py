@@ -162,6 +162,7 @@ DAMAGE = {
     "overwritten": (lambda step: _overwrite_middle(_largest_file(step), 256), "damaged: the checksums of "),
     "truncated": (lambda step: _truncate(_largest_file(step), 1000), "unreadable: "),
     "metadata_deleted": (lambda step: (step / "metadata.json").unlink(), "damaged: its metadata.json is missing"),
+    "record_garbled": (lambda step: _overwrite_middle(step / RECORD, 16), f"damaged: its {RECORD} is not valid JSON"),
 }
 
 

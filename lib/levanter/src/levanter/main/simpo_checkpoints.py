@@ -244,7 +244,10 @@ class CheckpointRecords(Callback):
 
 def _problem(path: str) -> tuple[str | None, dict | None]:
     """Why the checkpoint at ``path`` cannot be resumed from (None if it may be), and its record."""
-    record = _read_json(prefix_join(path, RECORD))
+    try:
+        record = _read_json(prefix_join(path, RECORD))
+    except ValueError as e:
+        return f"damaged: its {RECORD} is not valid JSON ({e})", None
     if not _exists(prefix_join(path, "metadata.json")):
         if record is None:
             return "incomplete: no metadata.json (its write never finished)", None
