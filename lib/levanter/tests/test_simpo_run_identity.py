@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from simpo_tiny_run import TrackedMetrics, run, shared_setup, tiny_config, train_losses
 
-from levanter.main import simpo_checkpoints
+from levanter.main import simpo_checkpoints, train_simpo
 from levanter.main.simpo_checkpoints import RECORD, CheckpointMismatchError, NoUsableCheckpointError
 from levanter.main.simpo_divergence import DivergedTrainingError
 
@@ -244,3 +244,17 @@ def test_diverged_checkpoints_are_marked_and_the_rerun_resumes_before_them(finis
     assert f"Resuming from {checkpoints}/step-{step - 2}, the newest verified checkpoint" in log
     moved = sorted(p.name.split(".")[0] for p in (checkpoints / "superseded").iterdir())
     assert moved == [f"step-{step - 1}", f"step-{step}"]
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (("--divergence.factor", "1"), "divergence.factor must be a finite number above 1, got 1.0"),
+        (("--divergence.window", "0"), "divergence.window must be at least 1, got 0"),
+        (("--divergence.floor", "nan"), "divergence.floor must be a positive finite number, got nan"),
+    ],
+)
+def test_impossible_divergence_settings(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        train_simpo.validate_config(tiny_config(tmp_path, *setting))
+
