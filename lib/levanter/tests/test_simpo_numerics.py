@@ -111,10 +111,11 @@ def test_guard_names_the_step_and_pairs_of_a_non_finite_step(tmp_path):
     assert "the gradients are not finite although the loss is " in str(errors[NAN_GRADIENT])
 
 
-def test_a_diverging_run_stops_with_the_step_and_its_pairs(tmp_path_factory):
+def test_a_diverging_run_stops_with_the_step_and_blames_the_parameters(tmp_path_factory):
     # The learning rate of 1e30 leaves step 0 finite and makes every parameter about 1e30 for step 1.
     runs = single_device_runs(tmp_path_factory.getbasetemp())
     assert runs.diverged_error is not None
     print(runs.diverged_error)
     assert runs.diverged_error.startswith("SimPO training step 1: ")
-    assert "The batch is pairs 8..15 of the training stream, in the order" in runs.diverged_error
+    assert "the parameters this step started from have grown to a largest magnitude of 1e+30" in runs.diverged_error
+    assert "the parameters, not this step's batch (pairs 8..15), are the cause" in runs.diverged_error

@@ -37,6 +37,8 @@ from levanter.data.text.preference_stats import write_pair_stats
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
 from levanter.main import simpo_plot
 from levanter.main.simpo_export import export_tokenizer, generation_eos_token_ids
+from levanter.main.simpo_checkpoints import CheckpointRecords, resume_verified, training_identity
+from levanter.main.simpo_divergence import DivergenceConfig, DivergenceGuard
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_length_diagnostics import finish_length_diagnostics
 from levanter.main.simpo_length_diagnostics import length_diagnostics as simpo_length_metrics
@@ -105,6 +107,12 @@ class TrainSimpoConfig:
     run_initial_eval: bool = False
     """Evaluate the held-out pairs once before the first step (logged at step 0), as train_dpo can."""
 
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    """When the run stops because its loss diverged (SIMPO.md, "Divergence"); ``--divergence.enabled false`` never."""
+    allow_config_change: bool = False
+    """Resume even though a training-relevant field differs from the checkpoint's (the change is logged). The fields
+    that may change without it are ``simpo_checkpoints.MAY_CHANGE``."""
+
 
 def validate_config(config: TrainSimpoConfig) -> None:
     """Rejects settings that would train something other than SimPO, before any data or model is touched."""
@@ -134,6 +142,7 @@ def validate_config(config: TrainSimpoConfig) -> None:
     fraction = config.validation_split_fraction
     if fraction is not None and not 0 <= fraction < 1:
         raise ValueError(f"validation_split_fraction must be in [0, 1) or null, got {fraction}")
+    config.divergence.validate()
     if config.initialize_from_hf and config.initialize_from_checkpoint_path is not None:
         raise ValueError("Specify at most one of initialize_from_hf and initialize_from_checkpoint_path")
     if config.initialize_from_hf and config.trainer.initialize_from is not None:
@@ -395,33 +404,39 @@ def main(config: TrainSimpoConfig):
                 model = config.model.build(Vocab, key=model_key)
             return config.adapter.apply(model, key=adapter_key, axis_mapping=parameter_axis_mapping)
 
-        _, resuming = trainer.checkpoint_load_plan()
-        pretrained = bool(config.initialize_from_hf) or config.initialize_from_checkpoint_path is not None
-        if pretrained and not resuming:
-            initial_model = load_source_model()
-            state = trainer.initial_state(
-                training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
-            )
-        elif isinstance(config.adapter, NoAdaptorConfig):
-            state = trainer.initial_state(training_key, model_init=lambda: config.model.build(Vocab, key=model_key))
-        else:
-            initial_model = config.adapter.apply(
-                config.model.build(Vocab, key=model_key), key=adapter_key, axis_mapping=parameter_axis_mapping
-            )
-            state = trainer.initial_state(
-                training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
-            )
+        identity = training_identity(config, data_identity=splits.sources)
+
+        def build_state():
+            _, resuming = trainer.checkpoint_load_plan()
+            pretrained = bool(config.initialize_from_hf) or config.initialize_from_checkpoint_path is not None
+            if pretrained and not resuming:
+                initial_model = load_source_model()
+                state = trainer.initial_state(
+                    training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
+                )
+            elif isinstance(config.adapter, NoAdaptorConfig):
+                state = trainer.initial_state(training_key, model_init=lambda: config.model.build(Vocab, key=model_key))
+            else:
+                initial_model = config.adapter.apply(
+                    config.model.build(Vocab, key=model_key), key=adapter_key, axis_mapping=parameter_axis_mapping
+                )
+                state = trainer.initial_state(
+                    training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
+                )
+            if resuming and not isinstance(config.adapter, NoAdaptorConfig):
+                # adapter checkpoints hold only the trainable weights; rebuild the frozen base underneath them
+                source_model = load_source_model()
+                state = dataclasses.replace(
+                    state,
+                    model=_restore_from_partial_checkpoint(
+                        state.model, source_model, config.adapter.trainable_filter(source_model)
+                    ),
+                )
+            return state
+
+        state = resume_verified(trainer, build_state, identity, allow_config_change=config.allow_config_change)
         if run.already_finished(state):
             return
-        if resuming and not isinstance(config.adapter, NoAdaptorConfig):
-            # adapter checkpoints hold only the trainable weights; rebuild the frozen base underneath them
-            source_model = load_source_model()
-            state = dataclasses.replace(
-                state,
-                model=_restore_from_partial_checkpoint(
-                    state.model, source_model, config.adapter.trainable_filter(source_model)
-                ),
-            )
         levanter.tracker.log_summary(
             {
                 "parameter_count": parameter_count(state.model),
@@ -451,6 +466,15 @@ def main(config: TrainSimpoConfig):
         converter = model_context.converter
         if converter is not None:
             converter = converter.replaced(tokenizer=served_tokenizer)  # HF exports save the converter's tokenizer
+        # after Levanter's checkpoint hook, before the export hooks: a diverged step is recorded and never exported
+        checkpointer = config.trainer.checkpointer
+        save_roots = [checkpointer.expanded_path(trainer.run_id)]
+        save_roots += [p for p in [checkpointer.expanded_temporary_path(trainer.run_id)] if p is not None]
+        records = CheckpointRecords(save_roots, identity)
+        trainer.add_hook(records, every=1)
+        if config.divergence.enabled:
+            trainer.add_hook(DivergenceGuard(config.divergence, save_roots, records.mark_diverged), every=1)
+
         config.adapter.install_export_hooks(
             trainer=run.once_per_step(trainer),
             converter=converter,
@@ -474,6 +498,7 @@ def main(config: TrainSimpoConfig):
         guard = NonFiniteGuard(trainer.config.batch_schedule)
         if config.trainer.crash_on_nan or config.trainer.crash_on_inf:
             trainer.add_hook(guard, every=1)
+            guard.check_parameters(state)
         if config.run_initial_eval and evaluator is not None and state.step == 0:
             logger.info("Evaluating the starting model on the held-out pairs.")
             # StepInfo reports the step before state.step, so this logs at step 0, as train_dpo does

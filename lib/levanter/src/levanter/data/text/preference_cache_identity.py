@@ -105,6 +105,15 @@ def check_or_clear(config: PreferenceLmDataConfig, name: str, split: str, identi
         )
 
 
+def recorded_identity(cache: TreeCache) -> dict | None:
+    """The sources a cache was built from, as recorded beside it (None for a cache without a record)."""
+    fs, path = fsspec.core.url_to_fs(cache.cache_dir)
+    if not fs.exists(f"{path}/{IDENTITY_FILE}"):
+        return None
+    with fs.open(f"{path}/{IDENTITY_FILE}") as f:
+        return json.load(f)
+
+
 def _record(cache: TreeCache, identity: dict) -> None:
     fs, path = fsspec.core.url_to_fs(cache.cache_dir)
     if not fs.exists(f"{path}/{IDENTITY_FILE}"):

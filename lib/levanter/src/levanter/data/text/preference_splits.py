@@ -22,7 +22,7 @@ from levanter.store.cache import TreeCache
 from .preference_cache import CachedPairs, open_cached_pairs
 from .preference_prompt_completion import PromptCompletionPreferenceFormat
 from .preference_shared_prompt import SharedPromptPairDataset
-from .preference_cache_identity import build_identified_caches
+from .preference_cache_identity import build_identified_caches, recorded_identity
 from .preference_stats import PreferencePairStats
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class PreferenceSplits:
     train: AsyncDataset
     validation: dict[str, AsyncDataset]
     stats: dict[str, PreferencePairStats]
+    sources: dict[str, dict | None]
+    """Per training component, the source files its cache was built from (``source_identity.json``)."""
 
 
 def _check_format(config: PreferenceLmDataConfig, name: str, seq_len: int) -> PromptCompletionPreferenceFormat:
@@ -207,4 +209,5 @@ def build_preference_splits(
         key=mix_key,
         stop_strategy=config.stop_strategy,
     )
-    return PreferenceSplits(train=cast(AsyncDataset, mixture), validation=validation, stats=stats)
+    sources = {name: recorded_identity(train_caches[name]) for name in names}
+    return PreferenceSplits(train=cast(AsyncDataset, mixture), validation=validation, stats=stats, sources=sources)

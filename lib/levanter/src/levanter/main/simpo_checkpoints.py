@@ -1,0 +1,343 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""What a SimPO checkpoint was trained with, whether it is intact, and which one a run resumes from.
+
+Levanter's checkpoint holds the training state only, and its loader takes the newest directory with a
+``metadata.json``: a resume with another objective or data continues silently, and damaged arrays load as they are.
+Next to each checkpoint's arrays this module writes ``simpo_record.json``: the training-relevant configuration
+(every field of ``TrainSimpoConfig`` except those in ``MAY_CHANGE``), the identity of the data, and two checksums
+per saved array, computed on device as integer reductions over the array's bits. Levanter's ``metadata.json``
+stays the commit marker: a checkpoint counts only when it has both files.
+
+On resume, ``resume_verified`` walks the run's checkpoints newest first, says why it skips each unusable one
+(incomplete, damaged, diverged, unreadable, checksums differ), refuses a configuration change with a diff unless
+``allow_config_change`` is set, and resumes from the newest checkpoint whose arrays match their checksums, moving
+the skipped newer ones into ``superseded/``.
+"""
+
+import datetime
+import fnmatch
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Mapping, TypeVar
+
+import draccus
+import fsspec
+import jax
+import jax.numpy as jnp
+from rigging.filesystem.atomic import atomic_rename
+from rigging.filesystem.storage_path import StoragePath, prefix_join
+
+from levanter.callbacks import Callback, StepInfo
+
+logger = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+RECORD = "simpo_record.json"
+
+MAY_CHANGE = (
+    # how long and how often: a run may be extended, evaluated or checkpointed differently
+    "trainer.num_train_steps",
+    "trainer.steps_per_eval",
+    "trainer.max_eval_batches",
+    "trainer.checkpointer",
+    "trainer.load_checkpoint",
+    "trainer.load_checkpoint_path",
+    "trainer.id",
+    # where it runs and what it reports
+    "trainer.tracker",
+    "trainer.wandb",
+    "trainer.log_dir",
+    "trainer.log_jaxprs",
+    "trainer.log_xla_hlo",
+    "trainer.profiler",
+    "trainer.xla_dump_upload",
+    "trainer.progress_watchdog",
+    "trainer.watch",
+    "trainer.jax_compilation_cache_dir",
+    "trainer.distributed",
+    "trainer.require_accelerator",
+    "trainer.shutdown_at_exit",
+    "trainer.crash_on_nan",
+    "trainer.crash_on_inf",
+    # the device mesh: Levanter reshards a checkpoint onto another one
+    "trainer.mesh",
+    "trainer.per_device_parallelism",
+    "trainer.per_device_eval_parallelism",
+    # where the data cache lives (what is in it is the data identity's business)
+    "data.cache_dir",
+    "data.cache_catalog",
+    "data.cache_options",
+    "data.auto_build_caches",
+    "data.components.*.cache_dir",
+    "data.components.*.source.cache_dir",
+    # exports
+    "hf_save_path",
+    "hf_upload",
+    "hf_save_steps",
+    "hf_save_dtype",
+    "hf_generation_eos_token_ids",
+    "peft_save_path",
+    "peft_hf_upload",
+    "merged_hf_save_path",
+    "merged_hf_upload",
+    # the run's safety switches
+    "divergence",
+    "allow_config_change",
+)
+"""The ``TrainSimpoConfig`` fields a resume may change freely (dotted names, ``*`` matching any one part, each
+covering the fields under it): every other field is part of what the checkpoint was trained with."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The run's configuration differs from the one its checkpoint was trained with."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """The run has checkpoints, but none is complete, intact and healthy."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat |= _flatten(value, f"{prefix}{key}.")
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def _may_change(field: str) -> bool:
+    # a pattern covers the fields nested under it too
+    return any(fnmatch.fnmatchcase(field, p) or fnmatch.fnmatchcase(field, f"{p}.*") for p in MAY_CHANGE)
+
+
+def training_identity(config, data_identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of ``config`` a resume must keep, flattened to dotted names, and ``data_identity`` (what the data
+    cache was built from) under ``data_identity.``."""
+    encoded = json.loads(json.dumps(draccus.encode(config), default=str))
+    identity = {k: v for k, v in _flatten(encoded).items() if not _may_change(k)}
+    identity |= _flatten(json.loads(json.dumps(dict(data_identity), default=str)), "data_identity.")
+    return identity
+
+
+def identity_diff(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 12) -> list[str]:
+    """One line per differing field, ``field: saved -> current``."""
+    missing = object()
+    lines = [
+        f"{k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
+        for k in sorted(saved.keys() | current.keys())
+        if saved.get(k, missing) != current.get(k, missing)
+    ]
+    return lines if len(lines) <= limit else lines[:limit] + [f"... and {len(lines) - limit} more"]
+
+
+def _bits_checksum(x: jax.Array) -> jax.Array:
+    # integer sums wrap identically on any device and sharding; the position-weighted sum catches moved values
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
+    weights = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [_bits_checksum(leaf) for leaf in leaves]
+
+
+def state_checksums(tree) -> dict[str, list[int]]:
+    """Two 32-bit checksums per array of ``tree`` (what Levanter saves of a trainer state), by tree path."""
+    paths_and_leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    arrays = [(p, x) for p, x in paths_and_leaves if isinstance(x, jax.Array)]
+    sums = jax.device_get(_checksums([x for _, x in arrays]))
+    return {p: [int(v) for v in s] for (p, _), s in zip(arrays, sums)}
+
+
+def _exists(path: str) -> bool:
+    return StoragePath(path).exists()
+
+
+def _read_json(path: str) -> dict | None:
+    if not _exists(path):
+        return None
+    return json.loads(StoragePath(path).read_text())
+
+
+def _write_json(path: str, content: dict) -> None:
+    storage = StoragePath(path)
+    if storage.is_remote:
+        # an object store publishes the object whole when the write closes
+        storage.write_text(json.dumps(content))
+    else:
+        with atomic_rename(path) as temporary:
+            StoragePath(temporary).write_text(json.dumps(content))
+
+
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def checkpoint_dirs(roots: list[str]) -> list[tuple[int, str]]:
+    """``(step, path)`` of every ``step-N`` directory under ``roots``, complete or not, newest first."""
+    found = []
+    for root in roots:
+        named = _STEP_DIR.match(os.path.basename(root.rstrip("/")))
+        if named and _exists(root):  # a root that is one checkpoint, e.g. trainer.load_checkpoint_path
+            found.append((int(named.group(1)), root))
+            continue
+        fs, plain = fsspec.core.url_to_fs(root)
+        try:
+            entries = fs.ls(plain, detail=True)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            name = os.path.basename(entry["name"].rstrip("/"))
+            match = _STEP_DIR.match(name)
+            if entry["type"] == "directory" and match:
+                found.append((int(match.group(1)), prefix_join(root, name)))
+    return sorted(found, reverse=True)
+
+
+class CheckpointRecords(Callback):
+    """Writes ``simpo_record.json`` into each checkpoint Levanter saves. Install with ``trainer.add_hook(records,
+    every=1)``: it runs after Levanter's checkpoint hook in the same step, with the same state."""
+
+    def __init__(self, roots: list[str], identity: Mapping[str, Any]):
+        self._roots = roots
+        self._identity = dict(identity)
+        # a complete checkpoint found at start was recorded by the run that wrote it
+        self._done = {path for _, path in checkpoint_dirs(roots) if _exists(prefix_join(path, "metadata.json"))}
+
+    def on_step(self, info: StepInfo, force: bool = False):
+        for root in self._roots:
+            path = prefix_join(root, f"step-{info.step}")
+            if path in self._done or not _exists(path):
+                continue
+            # Levanter saves info.state.saveable_state under this directory; the record describes those arrays.
+            # Every process takes part in the reduction over the sharded state; process 0 writes, as Levanter does.
+            record = {
+                "step": info.step,
+                "identity": self._identity,
+                "checksums": state_checksums(info.state.saveable_state),
+            }
+            if jax.process_index() == 0:
+                _write_json(prefix_join(path, RECORD), record)
+            self._done.add(path)
+
+    def mark_diverged(self, step: int) -> None:
+        """Marks the checkpoints holding the parameters that made step ``step``'s loss diverge, and later ones, so
+        no resume starts from them."""
+        if jax.process_index() != 0:
+            return
+        for saved_step, path in checkpoint_dirs(self._roots):
+            record_path = prefix_join(path, RECORD)
+            record = _read_json(record_path) if saved_step >= step - 1 else None
+            if record is not None:
+                _write_json(record_path, {**record, "diverged_at_step": step})
+
+
+def _problem(path: str) -> tuple[str | None, dict | None]:
+    """Why the checkpoint at ``path`` cannot be resumed from (None if it may be), and its record."""
+    try:
+        record = _read_json(prefix_join(path, RECORD))
+    except ValueError as e:
+        return f"damaged: its {RECORD} is not valid JSON ({e})", None
+    if not _exists(prefix_join(path, "metadata.json")):
+        if record is None:
+            return "incomplete: no metadata.json (its write never finished)", None
+        return "damaged: its metadata.json is missing", record
+    if record is None:
+        return f"unverifiable: no {RECORD} (the run stopped before recording it)", None
+    if "diverged_at_step" in record:
+        return f"diverged: saved after the loss diverged at step {record['diverged_at_step']}", record
+    return None, record
+
+
+def _checksum_problem(saved: Mapping[str, list[int]], loaded: Mapping[str, list[int]]) -> str | None:
+    if saved.keys() != loaded.keys():
+        return f"damaged: it holds arrays {sorted(saved.keys() ^ loaded.keys())[:4]} the record does not list"
+    differing = [k for k in saved if list(saved[k]) != list(loaded[k])]
+    if differing:
+        shown = ", ".join(differing[:4]) + (f" and {len(differing) - 4} more" if len(differing) > 4 else "")
+        return f"damaged: the checksums of {len(differing)} of {len(saved)} arrays differ ({shown})"
+    return None
+
+
+def _move_aside(paths: list[str]) -> None:
+    """Moves checkpoints newer than the one a run resumes from into ``superseded/`` next to them: their steps are
+    trained again, and Levanter cannot save into a damaged checkpoint's directory."""
+    if jax.process_index() != 0:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    for path in paths:
+        fs, plain = fsspec.core.url_to_fs(path)
+        parent, name = os.path.split(plain.rstrip("/"))
+        destination = f"{parent}/superseded/{name}.{stamp}"
+        fs.makedirs(f"{parent}/superseded", exist_ok=True)
+        fs.mv(plain, destination, recursive=True)
+        logger.warning(f"Moved {path} aside to {destination}: this run trains its step again")
+
+
+def resume_verified(
+    trainer, initial_state: Callable[[], S], identity: Mapping[str, Any], *, allow_config_change: bool
+) -> S:
+    """``initial_state()`` (which calls ``trainer.initial_state``) loaded from the run's newest checkpoint that is
+    complete, healthy and intact and trained with ``identity``, or from scratch when the run has no checkpoint."""
+    if trainer.config.load_checkpoint is False:
+        return initial_state()
+    candidates = checkpoint_dirs(trainer.checkpoint_search_paths)
+    if not candidates:
+        return initial_state()
+    skipped: list[tuple[str, str]] = []
+
+    def skip(path: str, why: str):
+        logger.warning(f"Not resuming from checkpoint {path}: {why}")
+        skipped.append((path, why))
+
+    for step, path in candidates:
+        problem, record = _problem(path)
+        if problem is not None:
+            skip(path, problem)
+            continue
+        assert record is not None
+        diff = identity_diff(record["identity"], identity)
+        if diff and not allow_config_change:
+            raise CheckpointMismatchError(
+                f"Checkpoint {path} was trained with another configuration than this run's:\n  "
+                + "\n  ".join(diff)
+                + "\nResuming would mix two trainings in one run. Start a new run (another --trainer.id), or pass "
+                "--allow_config_change true to continue this one deliberately with the new values."
+            )
+        if diff:
+            logger.warning(
+                f"Resuming from {path} with a deliberate configuration change (allow_config_change):\n  "
+                + "\n  ".join(diff)
+            )
+        # pin Levanter's loader to this checkpoint instead of the newest directory with a metadata.json
+        trainer.config.load_checkpoint_path = path
+        try:
+            state = initial_state()
+        except Exception as e:  # a damaged file fails inside tensorstore with many error types
+            skip(path, f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            continue
+        problem = _checksum_problem(record["checksums"], state_checksums(state.saveable_state))
+        if problem is not None:
+            skip(path, problem)
+            continue
+        if skipped:
+            logger.warning(f"Resuming from {path}, the newest verified checkpoint (step {step}), instead of newer ones")
+            _move_aside([p for p, _ in skipped])
+        else:
+            logger.info(f"Checkpoint {path} verified: configuration and array checksums match")
+        return state
+    raise NoUsableCheckpointError(
+        "This run has checkpoints but none can be resumed from:\n  "
+        + "\n  ".join(f"{p} ({why})" for p, why in skipped)
+        + "\nStarting over would overwrite them: move them away or use another --trainer.id."
+    )
