@@ -90,6 +90,7 @@ def default_preference_tokenize(
     paths: Sequence[str] | None = None,
     validation: bool = False,
     chat_template: str | None = None,
+    pairs: SimpleSimPOConfig | None = None,
     version: str | None = None,
     resources: ResourceConfig | None = None,
 ) -> ArtifactStep[TokenizedPreferenceCache]:
@@ -97,17 +98,21 @@ def default_preference_tokenize(
 
     The input is ``raw`` + ``glob`` (files inside a download step) or ``paths`` (files or globs used as
     given). ``validation=True`` writes the cache's validation split. ``chat_template`` overrides the
-    tokenizer's. The cache is Levanter's ``preference_prompt_completion`` (the Levanter YAMLs' format): the
-    prompt's end is stored, so what ``|y|`` counts and how over-long pairs are cut are chosen at training time
-    (``SimpleSimPOConfig.completion_tokens``, ``max_prompt_length``, ``truncation_mode``), without
-    re-tokenizing. ``resources`` runs the tokenization as its own Fray job; None runs it in the calling process.
+    tokenizer's. The cache is the Levanter YAMLs' ``preference_prompt_completion`` format, whose builder makes
+    every per-pair decision: what ``|y|`` counts and how over-long pairs are cut come from ``pairs``, the
+    training run's ``SimpleSimPOConfig`` (``completion_tokens``, ``max_seq_len``, ``max_prompt_length``,
+    ``truncation_mode``; None: the defaults), and ``default_simpo`` refuses a cache built with other settings.
+    ``resources`` runs the tokenization as its own Fray job; None runs it in the calling process.
     """
     version = resolve_version(name, version)
     if (raw is None) == (paths is None):
         raise ValueError(f"{name}: provide exactly one of raw (with glob) or paths")
     if (raw is None) != (glob is None):
         raise ValueError(f"{name}: raw and glob must be given together")
-    data_format = PromptCompletionPreferenceFormat(chat_template=chat_template)
+    if pairs is not None:
+        data_format = pairs.pair_format(chat_template)
+    else:
+        data_format = PromptCompletionPreferenceFormat(chat_template=chat_template)
 
     def build_config(ctx: StepContext) -> TokenizeConfig:
         inputs = [f"{ctx.artifact_path(raw)}/{glob}"] if raw is not None else [*paths]
@@ -129,17 +134,23 @@ def default_preference_tokenize(
     )
 
 
+_PAIR_SETTINGS = ("completion_tokens", "max_length", "max_prompt_length", "truncation_mode")
+
+
 def _training_format(
     config: SimpleSimPOConfig, recorded: PromptCompletionPreferenceFormat
 ) -> PromptCompletionPreferenceFormat:
-    """The cache's recorded format with the run's |y| definition and truncation budgets."""
-    return dataclasses.replace(
-        recorded,
-        completion_tokens=config.completion_tokens,
-        max_length=config.max_seq_len,
-        max_prompt_length=config.max_prompt_length,
-        truncation_mode=config.truncation_mode,
-    )
+    """The cache's recorded format, whose |y| definition and budgets must be the run's: they were applied when
+    the cache was built."""
+    wanted = config.pair_format(recorded.chat_template)
+    differ = [f"{k}: cache {getattr(recorded, k)!r}, run {getattr(wanted, k)!r}" for k in _PAIR_SETTINGS
+              if getattr(recorded, k) != getattr(wanted, k)]
+    if differ:
+        raise ValueError(
+            "the preference cache was built with other pair settings than this run's (" + "; ".join(differ) + "); "
+            "tokenize with default_preference_tokenize(..., pairs=<this SimpleSimPOConfig>) under a new version"
+        )
+    return recorded
 
 
 def _with_training_format(name: str, component: DatasetComponent, config: SimpleSimPOConfig) -> DatasetComponent:
@@ -156,7 +167,7 @@ def _with_training_format(name: str, component: DatasetComponent, config: Simple
 
 def _fingerprint_component(cache_dir: str, config: SimpleSimPOConfig) -> DatasetComponent:
     # No cache record exists at fingerprint time; the dataset's identity is its name@version.
-    data_format = _training_format(config, PromptCompletionPreferenceFormat())
+    data_format = config.pair_format()
     source = UrlDatasetSourceConfig(tags=[], train_urls=[], validation_urls=[], cache_dir=cache_dir, format=data_format)
     return DatasetComponent(source=source, cache_dir=cache_dir, format=data_format, tags=[])
 
@@ -220,7 +231,7 @@ def _check_lengths(name: str, model_config: LmConfig, config: SimpleSimPOConfig)
         raise ValueError(
             f"{name}: max_seq_len {config.max_seq_len} is longer than the model's max_seq_len {model_config.max_seq_len}"
         )
-    _training_format(config, PromptCompletionPreferenceFormat())  # raises when max_prompt_length leaves no room
+    config.pair_format()  # raises when max_prompt_length leaves no room
 
 
 def _run_tags(tags: Sequence[str]) -> list[str]:

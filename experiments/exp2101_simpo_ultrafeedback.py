@@ -80,6 +80,7 @@ def build() -> ArtifactStep[LevanterCheckpoint]:
             glob=f"data/{split}-*.parquet",
             validation=split == "test_prefs",
             chat_template=LLAMA3_CHAT_TEMPLATE,
+            pairs=simpo_config,
             version=DATA_VERSION,
         )
         for split in ("train_prefs", "test_prefs")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fray.types import ResourceConfig
 from levanter.adaptor import LoraAdaptorConfig
-from levanter.data.text.preference_prompt_completion import CompletionTokens
+from levanter.data.text.preference_prompt_completion import CompletionTokens, PromptCompletionPreferenceFormat
 from levanter.data.text.preference_truncation import TruncationMode
 from levanter.main.train_simpo import LossType, TrainSimpoConfig
 from levanter.optim.config import AdamConfig
@@ -95,6 +95,17 @@ class SimpleSimPOConfig:
             raise ValueError("Set exactly one of num_train_steps and num_train_epochs.")
         if self.num_train_epochs is not None and self.num_train_epochs < 1:
             raise ValueError(f"num_train_epochs must be >= 1, got {self.num_train_epochs}")
+
+    def pair_format(self, chat_template: str | None = None) -> PromptCompletionPreferenceFormat:
+        """The data format this recipe's pairs are built with: its |y| and budgets are fixed when the preference
+        cache is built, so ``default_preference_tokenize`` takes it (``pairs=``) and training checks the cache."""
+        return PromptCompletionPreferenceFormat(
+            chat_template=chat_template,
+            completion_tokens=self.completion_tokens,
+            max_length=self.max_seq_len,
+            max_prompt_length=self.max_prompt_length,
+            truncation_mode=self.truncation_mode,
+        )
 
     @classmethod
     def from_train_config(cls, config: TrainSimpoConfig, **marin_choices) -> "SimpleSimPOConfig":

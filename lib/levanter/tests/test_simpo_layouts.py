@@ -112,3 +112,12 @@ def test_every_layout_gives_the_same_loss_and_gradient_over_the_same_pairs(tiny,
 def test_bad_layout_settings_are_rejected(tiny, field, value):
     with pytest.raises(ValueError, match=field):
         validate_config(dataclasses.replace(tiny, **{field: value}))
+
+
+def test_the_padded_layout_says_what_packing_would_save():
+    from levanter.main.simpo_layouts import padded_layout_note
+
+    note = padded_layout_note(mean_sequence_tokens=16.0, seq_len=64, max_pairs_per_row=8)
+    assert "real tokens fill 25% of the 64 positions" in note and "about 4 pairs a row" in note
+    assert "divide trainer.train_batch_size by about 4" in note
+    assert "about 8 pairs" in padded_layout_note(mean_sequence_tokens=2.0, seq_len=64, max_pairs_per_row=8)

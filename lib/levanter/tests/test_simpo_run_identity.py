@@ -79,7 +79,7 @@ class Runs:
         return self.tmp / "checkpoints" / run_id
 
     def saved_steps(self, run_id: str) -> list[str]:
-        return sorted(p.name for p in self.checkpoints(run_id).iterdir())
+        return sorted(p.name for p in self.checkpoints(run_id).iterdir() if p.name.startswith("step-"))
 
 
 @pytest.fixture(scope="module")

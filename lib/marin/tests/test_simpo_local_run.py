@@ -43,16 +43,37 @@ def local_run(tmp_path, monkeypatch):
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def _tiny_preferences():
+def _train_file(directory: Path) -> Path:
+    """The shipped training pairs plus two that spell a special token out in their text (dropped and counted)
+    and two whose prompts are longer than the 64-token budget (cut as the reference cuts them)."""
+    rows = [json.loads(line) for line in (TINY_DATA / "train.jsonl").read_text().splitlines()]
+    extra = []
+    for i, marker in enumerate(["<|eot_id|>", "<|begin_of_text|>"]):
+        row = json.loads(json.dumps(rows[i]))
+        row["chosen"][-1]["content"] += f" {marker}"
+        extra.append(row)
+    for i in (2, 3):
+        row = json.loads(json.dumps(rows[i]))
+        for side in ("chosen", "rejected"):
+            row[side][0]["content"] = " ".join([row[side][0]["content"]] * 4)
+        extra.append(row)
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + extra))
+    return path
+
+
+def _tiny_preferences(directory: Path, pairs: SimpleSimPOConfig):
     tokenizer = str(TINY_DATA / "tokenizer")
     train = default_preference_tokenize(
-        "tokenized/tiny_simpo_train", tokenizer=tokenizer, paths=[str(TINY_DATA / "train.jsonl")], version=VERSION
+        "tokenized/tiny_simpo_train", tokenizer=tokenizer, paths=[str(_train_file(directory))], pairs=pairs,
+        version=VERSION,
     )
     validation = default_preference_tokenize(
         "tokenized/tiny_simpo_validation",
         tokenizer=tokenizer,
         paths=[str(TINY_DATA / "validation.jsonl")],
         validation=True,
+        pairs=pairs,
         version=VERSION,
     )
     return train, validation
@@ -64,7 +85,6 @@ def test_tiny_simpo_run_through_the_local_marin_executor(local_run):
         tiny_gpt2 = draccus.load(TrainSimpoConfig, f).model
     # the config's paths are relative to the repository root, and this test runs elsewhere
     tiny_gpt2 = dataclasses.replace(tiny_gpt2, tokenizer=str(REPO / tiny_gpt2.tokenizer))
-    train, validation = _tiny_preferences()
     config = SimpleSimPOConfig(
         resources=ResourceConfig.with_cpu(),
         train_batch_size=32,
@@ -76,6 +96,7 @@ def test_tiny_simpo_run_through_the_local_marin_executor(local_run):
         steps_per_checkpoint=NUM_STEPS,
         steps_per_hf_export=NUM_STEPS,
     )
+    train, validation = _tiny_preferences(local_run.parent, config)
     step = default_simpo("checkpoints/tiny_simpo", train, tiny_gpt2, config, validation=[validation], version=VERSION)
 
     checkpoint = resolve(step)
@@ -93,8 +114,14 @@ def test_tiny_simpo_run_through_the_local_marin_executor(local_run):
     assert math.isfinite(metrics.train_loss) and math.isfinite(metrics.eval_loss)
     summary = metrics.summary
     assert summary["global_step"] == last_step
-    assert summary["data/train/pairs"] == 2500
+    # the Marin door cuts and drops as the Levanter YAML does: long prompts cut, special-token text dropped
+    train_stats = "data/train/tokenized/tiny_simpo_train"
+    assert summary[f"{train_stats}/rows"] == 2504 and summary[f"{train_stats}/pairs"] == 2502
+    assert summary[f"{train_stats}/dropped/special_token_text"] == 2
+    assert summary[f"{train_stats}/cut/prompt"] == 2
     assert summary["data/validation/tokenized/tiny_simpo_validation/pairs"] == 250
+    stats = json.loads((Path(checkpoint.checkpoint_dir) / "pair_stats.json").read_text())
+    assert stats["train/tokenized/tiny_simpo_train"]["dropped"]["special_token_text"] == 2
     assert (summary["simpo/beta"], summary["simpo/gamma"]) == (2.0, 1.0)
     assert 0.0 <= summary["eval/rewards/accuracies"] <= 1.0
 
@@ -109,4 +136,4 @@ def test_tiny_simpo_run_through_the_local_marin_executor(local_run):
         "checkpoints/tiny_simpo_epoch", train, tiny_gpt2, by_epoch, validation=[validation], version=VERSION
     )
     resolved = materialized_config(epoch_step, str(local_run)).train_config
-    assert resolved.trainer.num_train_steps == math.ceil(2500 / 32)
+    assert resolved.trainer.num_train_steps == math.ceil(2504 / 32)

@@ -227,3 +227,16 @@ def pair_layout(name: str, max_pairs_per_row: int) -> PairLayout:
             "than pair_layout packed on TPU"
         )
     return SharedPromptPairs(name, max_pairs_per_row)
+
+
+def padded_layout_note(mean_sequence_tokens: float, seq_len: int, max_pairs_per_row: int) -> str:
+    """Why a run pads one pair a row, and what ``packed`` would save, for the start-up log."""
+    filled = mean_sequence_tokens / seq_len
+    per_row = max(1, min(max_pairs_per_row, int(seq_len // max(mean_sequence_tokens, 1))))
+    return (
+        f"pair_layout padded: real tokens fill {filled:.0%} of the {seq_len} positions of a row. pair_layout packed "
+        f"would hold about {per_row} pairs a row with the same loss and gradients (positions restart at every pair). "
+        "It is not the default because batch sizes count rows: a batch of N packed rows holds about "
+        f"{per_row}*N pairs, which changes a recipe tuned in pairs a step; to switch, set pair_layout packed and "
+        f"divide trainer.train_batch_size by about {per_row}"
+    )

@@ -56,7 +56,23 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class MetricHistory(Tracker):
+class _StepMetricsTracker(Tracker):
+    """A tracker that only reads per-step metrics: everything else Levanter hands trackers is ignored."""
+
+    def log_hyperparameters(self, hparams: dict[str, Any]):
+        pass
+
+    def log_summary(self, metrics: dict[str, Any]):
+        pass
+
+    def log_artifact(self, artifact_path, *, name: Optional[str] = None, type: Optional[str] = None):
+        pass
+
+    def finish(self):
+        pass
+
+
+class MetricHistory(_StepMetricsTracker):
     """Appends each ``log`` call's scalar metrics to a JSON-lines file, one ``{"step", "metrics"}`` a line."""
 
     name: str = "simpo_metric_history"
@@ -72,23 +88,11 @@ class MetricHistory(Tracker):
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": int(step), "metrics": scalars}) + "\n")
 
-    def log_hyperparameters(self, hparams: dict[str, Any]):
-        pass
-
-    def log_summary(self, metrics: dict[str, Any]):
-        pass
-
-    def log_artifact(self, artifact_path, *, name: Optional[str] = None, type: Optional[str] = None):
-        pass
-
-    def finish(self):
-        pass
-
 
 _PROGRESS = ("train/loss", "train/rewards/accuracies", "train/rewards/margins")
 
 
-class ProgressLine(Tracker):
+class ProgressLine(_StepMetricsTracker):
     """Logs ``SimPO step s/T: loss L, accuracy A, margin M`` about twenty times a run and at its last step.
 
     The loss and the loss function's metrics of a step reach the trackers in separate calls (Levanter's step-info
@@ -115,18 +119,6 @@ class ProgressLine(Tracker):
         self._done = True
         loss, accuracy, margin = (self._seen[name] for name in _PROGRESS)
         logger.info(f"SimPO step {step}/{self._total}: loss {loss:.4f}, accuracy {accuracy:.3f}, margin {margin:.3f}")
-
-    def log_hyperparameters(self, hparams: dict[str, Any]):
-        pass
-
-    def log_summary(self, metrics: dict[str, Any]):
-        pass
-
-    def log_artifact(self, artifact_path, *, name: Optional[str] = None, type: Optional[str] = None):
-        pass
-
-    def finish(self):
-        pass
 
 
 def record_run(trainer: "TrainerConfig") -> Path:

@@ -42,7 +42,14 @@ from levanter.main.simpo_divergence import DivergenceConfig, DivergenceGuard
 from levanter.main.simpo_guard import NonFiniteGuard
 from levanter.main.simpo_length_diagnostics import finish_length_diagnostics
 from levanter.main.simpo_length_diagnostics import length_diagnostics as simpo_length_metrics
-from levanter.main.simpo_layouts import PairLayout, PairLayoutName, Side, check_pair_layout, pair_layout
+from levanter.main.simpo_layouts import (
+    PairLayout,
+    PairLayoutName,
+    Side,
+    check_pair_layout,
+    pair_layout,
+    padded_layout_note,
+)
 from levanter.main.simpo_run import RunLifecycle, validate_run_settings
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
@@ -381,9 +388,9 @@ def main(config: TrainSimpoConfig):
         for split, stats in splits.stats.items():
             logger.info(f"Preference data ({split}): {stats.describe()}")
             levanter.tracker.log_summary(stats.as_metrics(f"data/{split}"))
-        if jax.process_index() == 0 and config.trainer.checkpointer is not None:
-            path = write_pair_stats(splits.stats, config.trainer.checkpointer.expanded_path(trainer.run_id))
-            logger.info(f"Wrote the preference data statistics to {path}")
+        if layout.name == "padded":
+            mean_tokens = max(stats.mean_sequence_tokens for stats in splits.stats.values())
+            logger.info(padded_layout_note(mean_tokens, Pos.size, config.max_pairs_per_row))
         gamma = config.beta * config.gamma_beta_ratio
         logger.info(f"SimPO: beta={config.beta}, gamma_beta_ratio={config.gamma_beta_ratio}, gamma={gamma}")
         levanter.tracker.log_summary({"simpo/beta": config.beta, "simpo/gamma": gamma})
@@ -437,6 +444,9 @@ def main(config: TrainSimpoConfig):
         state = resume_verified(trainer, build_state, identity, allow_config_change=config.allow_config_change)
         if run.already_finished(state):
             return
+        if jax.process_index() == 0 and config.trainer.checkpointer is not None:
+            path = write_pair_stats(splits.stats, config.trainer.checkpointer.expanded_path(trainer.run_id))
+            logger.info(f"Wrote the preference data statistics to {path}")
         levanter.tracker.log_summary(
             {
                 "parameter_count": parameter_count(state.model),

@@ -36,6 +36,8 @@ class PreferencePairStats:
     rejected_tokens: TokenLengths
     rejected_longer_fraction: float
     max_sequence_tokens: int
+    mean_sequence_tokens: float
+    """Mean length of a pair's two sequences, prompt included: what a row holds per pair in each layout."""
     cut: dict[str, int]
     """Pairs whose prompt was cut, whose completions were cut, and either."""
     dropped: dict[str, int]
@@ -56,6 +58,7 @@ class PreferencePairStats:
             rejected_tokens=TokenLengths.of(rejected),
             rejected_longer_fraction=float(np.mean(rejected > chosen)),
             max_sequence_tokens=int(np.maximum(col["chosen_length"], col["rejected_length"])[trains].max()),
+            mean_sequence_tokens=float((col["chosen_length"] + col["rejected_length"])[trains].mean() / 2),
             cut={
                 "prompt": int(prompt_cut.sum()),
                 "completions": int(completions_cut.sum()),
