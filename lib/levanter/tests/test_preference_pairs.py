@@ -171,3 +171,30 @@ def test_an_unfinished_cache_is_built_again_not_reused(tmp_path):
     # array cache may still hold the old shard)
     ledger = json.loads((cache / "shard_ledger.json").read_text())
     assert ledger["is_finished"] and ledger["total_num_rows"] == 2
+
+
+def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    llama3_style_tokenizer(tokenizer_dir)
+    components = {}
+    for name, colour in (("reds", "red"), ("blues", "blue")):
+        rows = [preference_row(f"say {colour} {i} .", f"{colour} .", "no .", prompt_id=f"{name}{i}") for i in range(40)]
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        source = UrlDatasetSourceConfig(train_urls=[str(data)])
+        components[name] = DatasetComponent(source=source, format=PromptCompletionPreferenceFormat(max_length=48))
+    config = PreferenceLmDataConfig(
+        tokenizer=str(tokenizer_dir),
+        cache_dir=str(tmp_path / "cache"),
+        components=components,
+        train_weights={"reds": 0.75, "blues": 0.25},
+    )
+    splits = _splits(config, validation_split_fraction=0.1)
+
+    # statistics and held-out pairs per component
+    assert splits.stats["train/reds"].pairs == splits.stats["train/blues"].pairs == 40
+    assert set(splits.validation) == {"reds", "blues"}
+    red = config.the_tokenizer.convert_tokens_to_ids("red")
+    drawn = splits.train.as_sync_dataset().get_batch(range(800))
+    reds = sum(int(red in np.asarray(pair.chosen.tokens.array)) for pair in drawn)
+    assert reds / len(drawn) == pytest.approx(0.75, abs=0.05)

@@ -206,8 +206,9 @@ def test_a_diverging_loss_stops_the_run_before_the_export(finished):
     assert message.startswith("SimPO training step 1: the loss diverged: ")
     assert "above divergence.factor=100. Training stopped and the model was not exported." in message
     # the export hook runs after the check, so step 1's diverged model was never exported (Levanter exports no
-    # step 0); the same run with the check off exports it (next test)
-    assert not hf.exists()
+    # step 0); the same run with the check off exports it (next test). The start-up write check may leave the
+    # empty directory
+    assert not [p for p in hf.rglob("*") if p.is_file()]
 
 
 def test_the_check_turned_off_lets_a_diverging_run_train_on(finished):

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import draccus
@@ -26,6 +27,13 @@ TINY_DATA = REPO / "lib" / "levanter" / "data" / "tiny_simpo"
 TINY_CONFIG = REPO / "lib" / "levanter" / "config" / "simpo_tiny_gpt2.yaml"
 VERSION = "2026.01.24"
 NUM_STEPS = 4
+
+
+@pytest.fixture
+def data_dir():
+    # Marin refuses training files whose path mentions "test" or "validation", as pytest's temporary paths do
+    with tempfile.TemporaryDirectory(prefix="simpo_pairs_") as directory:
+        yield Path(directory)
 
 
 @pytest.fixture
@@ -80,7 +88,7 @@ def _tiny_preferences(directory: Path, pairs: SimpleSimPOConfig):
 
 
 @pytest.mark.timeout(600)
-def test_tiny_simpo_run_through_the_local_marin_executor(local_run):
+def test_tiny_simpo_run_through_the_local_marin_executor(local_run, data_dir):
     with open(TINY_CONFIG) as f:
         tiny_gpt2 = draccus.load(TrainSimpoConfig, f).model
     # the config's paths are relative to the repository root, and this test runs elsewhere
@@ -96,7 +104,7 @@ def test_tiny_simpo_run_through_the_local_marin_executor(local_run):
         steps_per_checkpoint=NUM_STEPS,
         steps_per_hf_export=NUM_STEPS,
     )
-    train, validation = _tiny_preferences(local_run.parent, config)
+    train, validation = _tiny_preferences(data_dir, config)
     step = default_simpo("checkpoints/tiny_simpo", train, tiny_gpt2, config, validation=[validation], version=VERSION)
 
     checkpoint = resolve(step)
