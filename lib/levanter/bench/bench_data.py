@@ -169,3 +169,83 @@ def tokenization_table(n_rows: int, repeats: int = 3) -> list[dict]:
 
 if __name__ == "__main__":
     print(tokenization_table(512, repeats=1), os.getloadavg())
+
+
+
+def write_pair_cache(path: str, n_pairs: int, metadata: dict, seed: int = 0, chunk: int = 20_000) -> float:
+    """``n_pairs`` synthetic pairs in the SimPO cache format (``pair_info`` beside the tokens, as the cache builder
+    writes them) with a tenth of UltraFeedback's lengths, so a million pairs take ~1 GB; returns seconds."""
+    from levanter.data.text.preference_pair_build import PAIR_INFO, cache_exemplar
+    from levanter.store.cache import CacheMetadata, SerialCacheWriter
+
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    empty = np.zeros((0,), np.uint8)
+    with SerialCacheWriter(path, cache_exemplar(), metadata=CacheMetadata(preprocessor_metadata=metadata)) as writer:
+        for first in range(0, n_pairs, chunk):
+            n = min(chunk, n_pairs - first)
+            lengths = {
+                part: np.maximum(2, rng.lognormal(np.log(mean / 10) - TEXT_SIGMA[part] ** 2 / 2, TEXT_SIGMA[part], n))
+                for part, mean in TEXT_MEANS.items()
+            }
+            records = []
+            for i in range(n):
+                p, c, r = (int(lengths[part][i]) for part in ("prompt", "chosen", "rejected"))
+                prompt = np.r_[1, rng.integers(3, 1000, p - 1)].astype(np.int32)
+                record = {}
+                for side, k in (("chosen", c), ("rejected", r)):
+                    record[f"{side}_input_ids"] = np.r_[prompt, rng.integers(3, 1000, k - 1), 2].astype(np.int32)
+                    record[f"{side}_assistant_masks"] = np.r_[np.zeros(p, np.int32), np.ones(k, np.int32)]
+                values = {
+                    "prompt_length": p,
+                    "chosen_length": p + c,
+                    "rejected_length": p + r,
+                    "chosen_trained": c,
+                    "rejected_trained": r,
+                }
+                record["pair_info"] = np.array([values.get(name, 0) for name in PAIR_INFO], np.int32)
+                record["error"] = empty
+                records.append(record)
+            writer.write_batch(records)
+    return time.perf_counter() - start
+
+
+def startup_seconds(n_pairs: int, layouts: dict, root: str, seq_len: int = 2048, batch: int = 64) -> dict:
+    """Seconds of launch-to-first-batch data work on an existing cache of ``n_pairs``: ``build_preference_splits``
+    (open the cache, lay the pairs out in rows, hold out, shuffle, mix) and the first training batch, per layout
+    (``{name: PairLayout}``); a fresh process would pay the same."""
+    import jax.random as jrandom
+    from haliax import Axis
+
+    from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig, _component_cache_path
+    from levanter.data.text.preference import PreferenceLmDataConfig
+    from levanter.data.text.preference_splits import build_preference_splits
+
+    tokenizer_dir = str(Path(tempfile.gettempdir()) / "bench_simpo_bpe100k")
+    tokenizer = bpe_tokenizer(Path(tokenizer_dir))
+    fmt = PromptCompletionPreferenceFormat()
+    Path(root).mkdir(parents=True, exist_ok=True)
+    source = Path(root) / "source.jsonl"  # the cache exists: the source is only identified
+    source.write_text(json.dumps({"chosen": [], "rejected": []}) + "\n")
+    config = PreferenceLmDataConfig(
+        tokenizer=tokenizer_dir,
+        cache_dir=str(Path(root) / "cache"),
+        components={"uf": DatasetComponent(source=UrlDatasetSourceConfig(train_urls=[str(source)]), format=fmt)},
+        shuffle=True,
+    )
+    path = _component_cache_path("uf", config.components["uf"], config.cache_dir, "train")
+    write_s = 0.0
+    if not Path(path, "shard_ledger.json").exists():
+        write_s = write_pair_cache(path, n_pairs, fmt.build_preprocessor(tokenizer).metadata)
+    Pos = Axis("position", seq_len)
+    out = {"pairs": n_pairs, "write_s": write_s}
+    for name, layout in layouts.items():
+        start = time.perf_counter()
+        splits = build_preference_splits(
+            config, lambda pairs: layout.rows(pairs, Pos), seq_len=seq_len, key=jrandom.PRNGKey(0),
+            validation_split_fraction=0.005,
+        )
+        built = time.perf_counter() - start
+        splits.train.as_sync_dataset().get_batch(list(range(batch)))
+        out[name] = {"splits_s": built, "first_batch_s": time.perf_counter() - start - built}
+    return out
