@@ -4,6 +4,7 @@
 
     uv run python lib/levanter/bench/bench_simpo.py            # full table (CPU: ~40 min on a busy 2-core box)
     uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model, short rows (~7 min)
+    uv run python lib/levanter/bench/bench_simpo.py --quick --data-only  # data sections only (~6 min, 1 GB disk)
 
 Every step goes through ``Trainer.train_step`` with the real loss functions: ``train_simpo.simpo_loss``, the
 ``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
@@ -449,7 +450,7 @@ def data_sections(args, seq_len: int, pairs: int) -> None:
     t = bench_data.tokenization_table(args.token_rows)[0]
     rates = t["rates"]
     ours, theirs = rates["ours preference_prompt_completion"], rates["levanter preference_chat"]
-    print(f"byte-level BPE of {t['vocab']} tokens trained here on generated text ({t['tokenizer_s']:.0f} s), Llama-3 "
+    print(f"byte-level BPE of {t['vocab']} tokens trained here on generated text (built or loaded in {t['tokenizer_s']:.0f} s), Llama-3 "
           f"chat template; {t['rows']} UltraFeedback-like rows (20% multi-turn), mean transcript "
           f"{t['mean_chosen_tokens']:.0f} tokens, median of 3 interleaved passes\n")
     print("| preprocessor | rows/s | vs preference_chat | target | load |")
