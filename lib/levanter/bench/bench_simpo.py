@@ -450,8 +450,8 @@ def data_sections(args, seq_len: int, pairs: int) -> None:
     t = bench_data.tokenization_table(args.token_rows)[0]
     rates = t["rates"]
     ours, theirs = rates["ours preference_prompt_completion"], rates["levanter preference_chat"]
-    print(f"byte-level BPE of {t['vocab']} tokens trained here on generated text (built or loaded in {t['tokenizer_s']:.0f} s), Llama-3 "
-          f"chat template; {t['rows']} UltraFeedback-like rows (20% multi-turn), mean transcript "
+    print(f"byte-level BPE of {t['vocab']} tokens trained here on generated text (built or loaded in "
+          f"{t['tokenizer_s']:.0f} s), Llama-3 chat template; {t['rows']} UltraFeedback-like rows (20% multi-turn), mean transcript "
           f"{t['mean_chosen_tokens']:.0f} tokens, median of 3 interleaved passes\n")
     print("| preprocessor | rows/s | vs preference_chat | target | load |")
     print("|---|---|---|---|---|")

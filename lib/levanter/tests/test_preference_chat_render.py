@@ -40,7 +40,10 @@ def byte_level_bpe(directory, *, strip_eot: bool = False):
     tokenizer.train_from_iterator(
         corpus,
         trainers.BpeTrainer(
-            vocab_size=600, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+            vocab_size=600,
+            special_tokens=SPECIAL,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         ),
     )
     if strip_eot:
@@ -71,7 +74,10 @@ def varied_rows() -> list[dict]:
         preference_row("say blue .", "blue .", "blue .", prompt_id="identical"),  # dropped before rendering
         preference_row("say  green\n\nowl .", "  green owl .  ", "owl\n\n.", prompt_id="spaces"),
         preference_row("count to three .", "one two three .", "one two .", prompt_id="long", history=history * 2),
-        {**preference_row("say cat .", "cat .", "dog .", prompt_id="persona"), "chat_template_kwargs": {"persona": "fox"}},
+        {
+            **preference_row("say cat .", "cat .", "dog .", prompt_id="persona"),
+            "chat_template_kwargs": {"persona": "fox"},
+        },
         {**preference_row("say dog .", "dog .", "cat .", prompt_id="system"), "system": "be nice ."},
         {"prompt_id": "broken", "chosen": "not a list", "rejected": []},
     ]
@@ -85,7 +91,9 @@ def reference_records(tokenizer, fmt: PromptCompletionPreferenceFormat, rows: li
     out = []
     for source in rows:
         try:
-            row = parse_preference_row(source, system_prompt_field=fmt.system_prompt, special_tokens=processor.special_tokens)
+            row = parse_preference_row(
+                source, system_prompt_field=fmt.system_prompt, special_tokens=processor.special_tokens
+            )
             kwargs = processor._template_kwargs(source)
         except PreferenceRowError as e:
             out.append(cache_record(STATUS_ERROR, error=str(e)))
@@ -122,7 +130,9 @@ TOKENIZERS = {
     "byte-level BPE, rstrip end-of-turn": lambda d: byte_level_bpe(d, strip_eot=True),
 }
 SETTINGS = {
-    "final_turn": dict(completion_tokens="final_turn", system_prompt="system", chat_template_kwargs="chat_template_kwargs"),
+    "final_turn": dict(
+        completion_tokens="final_turn", system_prompt="system", chat_template_kwargs="chat_template_kwargs"
+    ),
     "generation, cut": dict(completion_tokens="generation", max_length=24, max_prompt_length=12),
     "plain-end template": dict(chat_template=PLAIN_END_TEMPLATE),
     "template kwargs": dict(chat_template=CONTEXT_TEMPLATE, chat_template_kwargs="chat_template_kwargs"),

@@ -18,14 +18,16 @@ def test_the_cache_defaults_to_a_user_cache_dir(tmp_path, monkeypatch):
 
 
 def test_a_set_path_or_empty_string_is_kept(tmp_path):
-    assert with_compilation_cache(TrainerConfig(jax_compilation_cache_dir=str(tmp_path))).jax_compilation_cache_dir == str(tmp_path)
+    chosen = TrainerConfig(jax_compilation_cache_dir=str(tmp_path))
+    assert with_compilation_cache(chosen).jax_compilation_cache_dir == str(tmp_path)
     assert with_compilation_cache(TrainerConfig(jax_compilation_cache_dir="")).jax_compilation_cache_dir == ""
 
 
 def test_the_default_cache_receives_compiled_programs(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = with_compilation_cache(TrainerConfig())
-    previous = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    settings = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {k: getattr(jax.config, k) for k in settings}
     try:
         config._initialize_jax_config()
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -169,7 +169,9 @@ class PromptCompletionProcessor(BatchProcessor[dict, dict]):
                 continue
             parsed.append((row, kwargs))
             to_render.append(i)
-        renderings = self.renderer.render_rows([(r.prompt, [*r.prompt, r.chosen], [*r.prompt, r.rejected], kw) for r, kw in parsed])
+        renderings = self.renderer.render_rows(
+            [(r.prompt, [*r.prompt, r.chosen], [*r.prompt, r.rejected], kwargs) for r, kwargs in parsed]
+        )
         for i, rendering in zip(to_render, renderings):
             source = batch[i]
             try:
