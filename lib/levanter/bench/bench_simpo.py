@@ -4,6 +4,7 @@
 
     uv run python lib/levanter/bench/bench_simpo.py            # full table (CPU: ~40 min on a busy 2-core box)
     uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model, short rows (~7 min)
+    uv run python lib/levanter/bench/bench_simpo.py --quick --data-only  # data sections only (~6 min, 1 GB disk)
 
 Every step goes through ``Trainer.train_step`` with the real loss functions: ``train_simpo.simpo_loss``, the
 ``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
@@ -14,6 +15,7 @@ memory (GPU) of a fresh subprocess per variant. This is a benchmark: it asserts 
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -35,6 +37,7 @@ import jmp  # noqa: E402
 import numpy as np  # noqa: E402
 from haliax import Axis  # noqa: E402
 
+import bench_data  # noqa: E402
 from levanter.callbacks.watch import WatchConfig  # noqa: E402
 from levanter.checkpoint import CheckpointerConfig  # noqa: E402
 from levanter.data.text.preference import DpoExample  # noqa: E402
@@ -224,6 +227,29 @@ def worker(variant: str, size: str, seq_len: int, pairs: int) -> None:
     print(json.dumps({"peak_mb": peak_memory_mb(), "live_mb": live, "xla_mb": stepper.xla_memory_mb()}))
 
 
+def first_step_worker(size: str, seq_len: int, pairs: int, cache_dir: str) -> None:
+    """A fresh process's time from building the trainer to its first finished step, with the persistent
+    compilation cache the SimPO entry point turns on by default (here at ``cache_dir``)."""
+    import levanter
+
+    start = time.perf_counter()
+    levanter.trainer.initialize(dataclasses.replace(trainer_config(pairs), jax_compilation_cache_dir=cache_dir))
+    stepper = Stepper("simpo", size, seq_len, full_length_pairs(pairs, seq_len), pairs)
+    stepper.step()
+    print(json.dumps({"first_step_s": time.perf_counter() - start}))
+
+
+def first_step_starts(size: str, seq_len: int, pairs: int) -> list[float]:
+    """Time to first step of two starts in a row sharing a fresh compilation cache: compiling, then loading."""
+    cache_dir = tempfile.mkdtemp(prefix="bench_simpo_jax_cache")
+    cmd = [sys.executable, __file__, "--first-step", cache_dir, "--size", size, "--seq-len", str(seq_len)]
+    out = []
+    for _ in range(2):
+        run = subprocess.run(cmd + ["--pairs", str(pairs)], capture_output=True, text=True, check=True)
+        out.append(json.loads(run.stdout.strip().splitlines()[-1])["first_step_s"])
+    return out
+
+
 def measure_memory(variant: str, size: str, seq_len: int, pairs: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--size", size, "--seq-len", str(seq_len)]
     out = subprocess.run(cmd + ["--pairs", str(pairs)], capture_output=True, text=True, check=True)
@@ -301,12 +327,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
+    parser.add_argument("--first-step", metavar="CACHE_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--data-only", action="store_true", help="only the data sections: tokenization and start-up")
+    parser.add_argument("--startup-pairs", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--token-rows", type=int, default=1024, help="rows per tokenization measurement")
     args = parser.parse_args()
 
     seq_len = args.seq_len or (128 if args.quick else 256)
     pairs = args.pairs or 4
     if args.worker:
         worker(args.worker, args.size, seq_len, pairs)
+        return
+    if args.first_step:
+        first_step_worker(args.size, seq_len, pairs, args.first_step)
         return
     # "medium" (--sizes medium) takes tens of minutes per row on a shared 2-core CPU
     sizes = args.sizes or (["tiny"] if args.quick else ["tiny", "small"])
@@ -316,6 +349,9 @@ def main() -> None:
     print(f"# SimPO benchmark  {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"device: {device.platform} ({device.device_kind}), {jax.local_device_count()} device(s), {os.cpu_count()} CPUs")
     print(f"jax {jax.__version__}, load average at start {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f}")
+    data_sections(args, seq_len, pairs)
+    if args.data_only:
+        return
     print(f"seq_len {seq_len}, {pairs} pairs = {2 * pairs} sequences per step, fp32, vocab {VOCAB.size}, "
           f"median of {repeats} interleaved steps\n")
 
@@ -406,6 +442,43 @@ def main() -> None:
         print(f"| {layout} | {counts[layout]} | {t[layout]:.3f} | {rate:.2f} | {rate / base:.2f}x "
               f"| {per_pair / 1e9:.2f} | {base_flops / per_pair:.2f}x |")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+def data_sections(args, seq_len: int, pairs: int) -> None:
+    """Tokenization rows/s against Levanter's preference_chat, start-up data work at scale, second-start time."""
+    print("## Tokenization: each format's build_preprocessor(tokenizer), batches of 128, same rows\n")
+    t = bench_data.tokenization_table(args.token_rows)[0]
+    rates = t["rates"]
+    ours, theirs = rates["ours preference_prompt_completion"], rates["levanter preference_chat"]
+    print(f"byte-level BPE of {t['vocab']} tokens trained here on generated text (built or loaded in "
+          f"{t['tokenizer_s']:.0f} s), Llama-3 chat template; {t['rows']} UltraFeedback-like rows (20% multi-turn), mean transcript "
+          f"{t['mean_chosen_tokens']:.0f} tokens, median of 3 interleaved passes\n")
+    print("| preprocessor | rows/s | vs preference_chat | target | load |")
+    print("|---|---|---|---|---|")
+    print(f"| Levanter preference_chat | {theirs:.0f} | 1.00x | | {os.getloadavg()[0]:.1f} |")
+    print(f"| SimPO preference_prompt_completion | {ours:.0f} | {ours / theirs:.2f}x | >= 1.00x "
+          f"| {os.getloadavg()[0]:.1f} |\n", flush=True)
+
+    print("## Start-up: launch-to-first-batch data work on an existing cache (build_preference_splits + first "
+          "training batch of 64 rows), seq_len 2048\n")
+    print("| pairs | layout | splits s | first batch s | data work s | target | load |")
+    print("|---|---|---|---|---|---|---|")
+    layouts = {"padded": pair_layout("padded", 1), "packed": pair_layout("packed", 8)}
+    for n in args.startup_pairs:
+        r = bench_data.startup_seconds(n, layouts, os.path.join(tempfile.gettempdir(), f"bench_simpo_startup_{n}"))
+        for name in layouts:
+            s = r[name]
+            total = s["splits_s"] + s["first_batch_s"]
+            target = "<= 60 s" if n >= 1_000_000 else ""
+            print(f"| {n:,} | {name} | {s['splits_s']:.1f} | {s['first_batch_s']:.1f} | {total:.1f} | {target} "
+                  f"| {os.getloadavg()[0]:.1f} |", flush=True)
+
+    print("\n## Time to first step, first and second start (fresh processes, one persistent compilation cache)\n")
+    first, second = first_step_starts("tiny", seq_len, pairs)
+    print("| model | first start s | second start s | second / first | load |")
+    print("|---|---|---|---|---|")
+    print(f"| tiny, seq {seq_len}, {pairs} pairs | {first:.1f} | {second:.1f} | {second / first:.2f} "
+          f"| {os.getloadavg()[0]:.1f} |\n", flush=True)
 
 
 if __name__ == "__main__":

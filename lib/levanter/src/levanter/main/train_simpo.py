@@ -33,6 +33,7 @@ from levanter.compat.hf_checkpoints import build_generation_config
 from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.data.text.preference_shared_prompt import PrefixSharedPairs
 from levanter.data.text.preference_splits import build_preference_splits
+from levanter.main.simpo_compilation_cache import with_compilation_cache
 from levanter.data.text.preference_stats import write_pair_stats
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
 from levanter.main import simpo_plot
@@ -327,6 +328,7 @@ def _restore_from_partial_checkpoint(checkpointed: LmHeadModel, source: LmHeadMo
 
 def main(config: TrainSimpoConfig):
     validate_config(config)
+    config = dataclasses.replace(config, trainer=with_compilation_cache(config.trainer))
 
     tokenizer = config.data.the_tokenizer
     model_context = prepare_model_init_context(

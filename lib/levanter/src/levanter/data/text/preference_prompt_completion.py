@@ -32,6 +32,7 @@ from levanter.tokenizers import MarinTokenizer, chat_template_has_generation_blo
 
 from .formats import LmDatasetFormatBase
 from .preference import PreferenceChatLmDatasetFormat
+from .preference_chat_render import ChatRenderer, RowRendering
 from .preference_pair_build import STATUS_ERROR, CompletionTokens, PairPolicy, build_pair, cache_exemplar, cache_record
 from .preference_rows import PreferenceRowError, describe_row, parse_preference_row, special_token_pattern
 from .preference_truncation import TruncationBudget, TruncationMode
@@ -85,8 +86,9 @@ class PromptCompletionPreferenceFormat(PreferenceChatLmDatasetFormat):
 
 
 class PromptCompletionProcessor(BatchProcessor[dict, dict]):
-    """Renders each row's prompt alone and its two full transcripts (the template compiled once a batch), then
-    builds the pair with ``build_pair``: one cache row per source row, so cache row ``i`` is source row ``i``.
+    """Renders each row's prompt alone and its two full transcripts (``ChatRenderer``: the template compiled once,
+    a batch's texts encoded together), then builds the pair with ``build_pair``: one cache row per source row, so
+    cache row ``i`` is source row ``i``.
 
     A malformed row is kept as a row with status ``STATUS_ERROR`` and its message, so the data set can name the
     source row index when it stops the run; rows that cannot train keep their place with their ``RowDrop``.
@@ -106,6 +108,7 @@ class PromptCompletionProcessor(BatchProcessor[dict, dict]):
             )
         self.tokenizer = tokenizer
         self.format = format
+        self.renderer = ChatRenderer(tokenizer, self.chat_template)
         self.policy = PairPolicy(
             completion_tokens=format.completion_tokens,
             budget=format.budget(),
@@ -133,26 +136,8 @@ class PromptCompletionProcessor(BatchProcessor[dict, dict]):
             raise PreferenceRowError(f"{describe_row(row)}: {field!r} may not set {sorted(forbidden)}")
         return {k: v for k, v in kwargs.items() if k != "add_generation_prompt"}
 
-    def _render(self, conversations: list[list[dict]], kwargs: dict) -> list[tuple[list[int], list[int]]]:
-        out = self.tokenizer.apply_chat_template_with_masks(conversations, chat_template=self.chat_template, **kwargs)
-        return list(zip(out["input_ids"], out["assistant_masks"]))
-
-    def _render_rows(self, parsed: list[tuple[Any, dict]]) -> list[list[tuple[list[int], list[int]]]]:
-        """Prompt, chosen and rejected renderings of each row: one template call per kind for the rows without
-        template kwargs, one per row for the others."""
-        plain = [i for i, (_, kwargs) in enumerate(parsed) if not kwargs]
-        rendered: dict[int, list[tuple[list[int], list[int]]]] = {}
-        kinds = (lambda r: r.prompt, lambda r: [*r.prompt, r.chosen], lambda r: [*r.prompt, r.rejected])
-        if plain:
-            per_kind = [self._render([kind(parsed[i][0]) for i in plain], {}) for kind in kinds]
-            rendered |= {i: [per_kind[k][j] for k in range(3)] for j, i in enumerate(plain)}
-        for i, (row, kwargs) in enumerate(parsed):
-            if kwargs:
-                rendered[i] = [self._render([kind(row)], kwargs)[0] for kind in kinds]
-        return [rendered[i] for i in range(len(parsed))]
-
-    def _pair(self, source: Mapping[str, Any], rendering) -> dict[str, np.ndarray]:
-        (prompt, _), chosen, rejected = rendering
+    def _pair(self, source: Mapping[str, Any], rendering: RowRendering) -> dict[str, np.ndarray]:
+        prompt, chosen, rejected = rendering
         for field, (ids, _) in ((self.format.chosen_field, chosen), (self.format.rejected_field, rejected)):
             # the boundary is only known if the prompt tokenizes the same alone and inside the transcript
             if ids[: len(prompt)] != prompt or len(ids) == len(prompt):
@@ -184,16 +169,9 @@ class PromptCompletionProcessor(BatchProcessor[dict, dict]):
                 continue
             parsed.append((row, kwargs))
             to_render.append(i)
-        try:
-            renderings = self._render_rows(parsed)
-        except jinja2.TemplateError:
-            # find the row the template fails on
-            renderings = []
-            for row, kwargs in parsed:
-                try:
-                    renderings.extend(self._render_rows([(row, kwargs)]))
-                except jinja2.TemplateError as e:
-                    renderings.append(e)
+        renderings = self.renderer.render_rows(
+            [(r.prompt, [*r.prompt, r.chosen], [*r.prompt, r.rejected], kwargs) for r, kwargs in parsed]
+        )
         for i, rendering in zip(to_render, renderings):
             source = batch[i]
             try:
