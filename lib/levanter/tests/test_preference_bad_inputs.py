@@ -212,7 +212,7 @@ def test_no_pair_reaches_the_loss_without_trained_tokens(tokenizer):
     for record in result.records:
         # what the cache holds is what trains: every average log-prob is over at least one token
         chosen, rejected = record["chosen_assistant_masks"], record["rejected_assistant_masks"]
-        assert (chosen.sum() >= 1 and rejected.sum() >= 1) or (len(chosen) == len(rejected) == 0)
+        assert (chosen.sum() >= 1 and rejected.sum() >= 1) or (chosen.sum() == rejected.sum() == 0)
 
 
 @pytest.mark.parametrize("text", ["<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>"])

@@ -6,6 +6,7 @@ cuts from the cache build, the held-out split over the pairs that train, and the
 import dataclasses
 import json
 
+import fsspec
 import jax.random as jrandom
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_sty
 
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
+from levanter.data.text.preference_cache_identity import cache_contents
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.text.preference_rows import PreferenceRowError
 from levanter.data.text.preference_splits import build_preference_splits, preference_pair_rows
@@ -198,3 +200,25 @@ def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path):
     drawn = splits.train.as_sync_dataset().get_batch(range(800))
     reds = sum(int(red in np.asarray(pair.chosen.tokens.array)) for pair in drawn)
     assert reds / len(drawn) == pytest.approx(0.75, abs=0.05)
+
+
+def test_a_cache_damaged_after_it_was_built_is_built_again(tmp_path):
+    rows = _rows()[:4]
+    config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
+    _splits(config, validation_split_fraction=None)
+    cache = tmp_path / "cache" / "prefs" / "train"
+    recorded = json.loads((cache / "cache_contents.json").read_text())
+    # opening the cache reads it without changing it: its files still match the record
+    _splits(config, validation_split_fraction=None)
+    assert cache_contents(fsspec.filesystem("file"), str(cache)) == recorded
+    # overwrite bytes in the middle of a token chunk, keeping its size
+    chunk = max((p for p in cache.rglob("*") if p.is_file() and "chosen_input_ids" in str(p)), key=lambda p: p.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+    chunk.write_bytes(bytes(data))
+    damaged = str(chunk.relative_to(cache))
+    assert cache_contents(fsspec.filesystem("file"), str(cache))[damaged] != recorded[damaged]
+    _splits(config, validation_split_fraction=None)
+    # built again from the sources: the chunk holds the first build's bytes again
+    assert cache_contents(fsspec.filesystem("file"), str(cache))[damaged] == recorded[damaged]

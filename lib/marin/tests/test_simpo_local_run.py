@@ -63,7 +63,7 @@ def _train_file(directory: Path) -> Path:
     for i in (2, 3):
         row = json.loads(json.dumps(rows[i]))
         for side in ("chosen", "rejected"):
-            row[side][0]["content"] = " ".join([row[side][0]["content"]] * 4)
+            row[side][0]["content"] = " ".join([row[side][0]["content"]] * 8)
         extra.append(row)
     path = directory / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows + extra))

@@ -9,8 +9,11 @@ it holds. Around Levanter's cache builder (``build_caches``), for each component
 - a finished cache whose recorded sources differ from the configured ones (a file added, removed, resized or
   with other content) is refused, naming what changed;
 - an unfinished cache directory is removed and built again from scratch;
+- a finished cache whose files changed since it was built (a chunk overwritten, a file truncated or removed) is
+  removed and built again;
 - a newly built (or older, unrecorded) cache gets ``source_identity.json``: every source file's name, size and
-  a content digest (local files) or the object store's version tag (generation, ETag, checksum).
+  a content digest (local files) or the object store's version tag (generation, ETag, checksum); and
+  ``cache_contents.json``, the same for every file of the cache.
 
 The format settings, tokenizer and chat template are the other half of a cache's identity; they are in the
 cache's ledger and checked when it is opened (``levanter.data.text.preference_cache``).
@@ -32,6 +35,7 @@ from .preference_sources import _display_name, build_caches_naming_bad_lines
 logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "source_identity.json"
+CONTENTS_FILE = "cache_contents.json"
 LEDGER_FILE = "shard_ledger.json"
 # object-store metadata that changes whenever an object's content does
 _VERSION_KEYS = ("generation", "ETag", "etag", "md5Hash", "crc32c", "content_md5", "version_id")
@@ -45,6 +49,16 @@ def _local_digest(fs, path: str) -> str:
     return digest.hexdigest()
 
 
+def _file_version(fs, path: str) -> dict:
+    """A file's size and what changes with its content: a digest on local disk, the object store's version tag."""
+    info = fs.info(path)
+    if "file" in fs.protocol:
+        version = _local_digest(fs, path)
+    else:
+        version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k)), str(info.get("mtime")))
+    return {"size": info.get("size"), "version": version}
+
+
 def source_identity(config: PreferenceLmDataConfig, name: str, split: str) -> dict[str, dict] | None:
     """``{file: {"size", "version"}}`` for a component's split, or None when its source is not a list of files."""
     source = config.components[name].source
@@ -53,13 +67,18 @@ def source_identity(config: PreferenceLmDataConfig, name: str, split: str) -> di
     files: dict[str, dict] = {}
     for url in source.urls_for_split(split):
         for opened in fsspec.open_files(url, "rb"):
-            info = opened.fs.info(opened.path)
-            if "file" in opened.fs.protocol:
-                version = _local_digest(opened.fs, opened.path)
-            else:
-                version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k)), str(info.get("mtime")))
-            files[_display_name(opened)] = {"size": info.get("size"), "version": version}
+            files[_display_name(opened)] = _file_version(opened.fs, opened.path)
     return files
+
+
+def cache_contents(fs, path: str) -> dict[str, dict]:
+    """``{relative file: {"size", "version"}}`` of everything a built cache holds (not the records beside it)."""
+    root = path.rstrip("/")
+    return {
+        file[len(root) + 1 :]: _file_version(fs, file)
+        for file in sorted(fs.find(root))
+        if file.rsplit("/", 1)[-1] not in (IDENTITY_FILE, CONTENTS_FILE)
+    }
 
 
 def _differences(built: dict[str, dict], now: dict[str, dict]) -> list[str]:
@@ -81,8 +100,16 @@ def _finished(fs, path: str) -> bool:
         return bool(json.load(f).get("is_finished"))
 
 
+def _damage(fs, path: str) -> list[str]:
+    """How a finished cache's files differ from what was recorded when it was built (nothing without a record)."""
+    if not fs.exists(f"{path}/{CONTENTS_FILE}"):
+        return []
+    with fs.open(f"{path}/{CONTENTS_FILE}") as f:
+        return _differences(json.load(f), cache_contents(fs, path))
+
+
 def check_or_clear(config: PreferenceLmDataConfig, name: str, split: str, identity: dict | None) -> None:
-    """Refuses a finished cache built from other sources; removes an unfinished one."""
+    """Refuses a finished cache built from other sources; removes an unfinished or damaged one."""
     path = _component_cache_path(name, config.components[name], config.cache_dir, split)
     if path is None:
         return
@@ -91,6 +118,11 @@ def check_or_clear(config: PreferenceLmDataConfig, name: str, split: str, identi
         return
     if not _finished(fs, fs_path):
         logger.warning(f"The {split} cache at {path} was never finished (its build stopped); building it again")
+        fs.rm(fs_path, recursive=True)
+        return
+    damage = _damage(fs, fs_path)
+    if damage:
+        logger.warning(f"The {split} cache at {path} changed since it was built ({'; '.join(damage[:3])}); building it again")
         fs.rm(fs_path, recursive=True)
         return
     if identity is None or not fs.exists(f"{fs_path}/{IDENTITY_FILE}"):
@@ -114,11 +146,18 @@ def recorded_identity(cache: TreeCache) -> dict | None:
         return json.load(f)
 
 
-def _record(cache: TreeCache, identity: dict) -> None:
+def _write_once(fs, path: str, record) -> None:
+    if not fs.exists(path):
+        with fs.open(path, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def _record(cache: TreeCache, identity: dict | None) -> None:
     fs, path = fsspec.core.url_to_fs(cache.cache_dir)
-    if not fs.exists(f"{path}/{IDENTITY_FILE}"):
-        with fs.open(f"{path}/{IDENTITY_FILE}", "w") as f:
-            json.dump(identity, f, indent=2)
+    if identity is not None:
+        _write_once(fs, f"{path}/{IDENTITY_FILE}", identity)
+    if not fs.exists(f"{path}/{CONTENTS_FILE}"):
+        _write_once(fs, f"{path}/{CONTENTS_FILE}", cache_contents(fs, path))
 
 
 def build_identified_caches(config: PreferenceLmDataConfig, split: str) -> dict[str, TreeCache]:
@@ -130,6 +169,6 @@ def build_identified_caches(config: PreferenceLmDataConfig, split: str) -> dict[
             check_or_clear(config, name, split, identity)
     caches = build_caches_naming_bad_lines(config, split)
     for name, cache in caches.items():
-        if leader and identities.get(name) is not None:
-            _record(cache, identities[name])
+        if leader:
+            _record(cache, identities.get(name))
     return caches

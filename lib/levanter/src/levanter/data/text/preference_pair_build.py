@@ -157,19 +157,22 @@ def _info(status: int, pair: CutPair | None = None) -> np.ndarray:
     return np.asarray([info[k] for k in PAIR_INFO], dtype=np.int32)
 
 
-_EMPTY = np.zeros((0,), dtype=np.int32)
+# the sequence of a row that does not train: one untrained token, because Marin's tokenize drops records whose
+# token field is empty, which would shift every later row and lose the row's drop or error
+_PLACEHOLDER = np.zeros((1,), dtype=np.int32)
 
 
 def cache_record(status: int, pair: CutPair | None = None, error: str = "") -> dict[str, np.ndarray]:
     """One cache row: Levanter's preference fields (``*_assistant_masks`` holding the trained positions, which
     ``PreferencePairDataset`` turns into loss weights), ``pair_info`` (``PAIR_INFO``) and ``error``. A row that
-    does not train keeps its place with empty sequences, so cache row ``i`` is source row ``i``."""
+    does not train keeps its place with a one-token placeholder and nothing trained, so cache row ``i`` is source
+    row ``i``; the datasets leave it out."""
     sides = {"chosen": pair.chosen, "rejected": pair.rejected} if pair is not None and status == 0 else {}
     record = {}
     for name in ("chosen", "rejected"):
         side = sides.get(name)
-        record[f"{name}_input_ids"] = side.tokens.astype(np.int32) if side is not None else _EMPTY
-        record[f"{name}_assistant_masks"] = side.trained.astype(np.int32) if side is not None else _EMPTY
+        record[f"{name}_input_ids"] = side.tokens.astype(np.int32) if side is not None else _PLACEHOLDER
+        record[f"{name}_assistant_masks"] = side.trained.astype(np.int32) if side is not None else _PLACEHOLDER
     record["pair_info"] = _info(status, pair)
     record["error"] = np.frombuffer(error.encode("utf-8"), dtype=np.uint8).copy()
     return record
