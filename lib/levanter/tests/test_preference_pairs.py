@@ -119,7 +119,7 @@ def test_a_file_that_is_not_utf8_names_its_row(tmp_path):
     config = _config(tmp_path, _rows()[:3], PromptCompletionPreferenceFormat())
     data = tmp_path / "train.jsonl"
     data.write_bytes(data.read_bytes() + b'{"prompt": "caf\xe9"}\n')
-    with pytest.raises(PreferenceRowError, match=rf"train file .*train.jsonl, line 4: the line is not valid UTF-8"):
+    with pytest.raises(PreferenceRowError, match=r"train file .*train.jsonl, line 4: the line is not valid UTF-8"):
         _splits(config, validation_split_fraction=None)
 
 

@@ -76,7 +76,7 @@ def build_caches_naming_bad_lines(config: PreferenceLmDataConfig, split: str) ->
     source line cannot be read."""
     try:
         return config.build_caches(split)
-    except ZephyrWorkerError as e:
+    except ZephyrWorkerError:
         located = first_bad_source_line(config, split)
         if located is None:
             raise

@@ -1,0 +1,56 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""Held-out evaluation of a SimPO run: the loss and its metrics as exact means over the held-out pairs, and the
+length diagnostics (``levanter.main.simpo_length_diagnostics``)."""
+
+import equinox as eqx
+
+import levanter.tracker
+from levanter import callbacks
+from levanter.callbacks import StepInfo
+from levanter.main.simpo_length_diagnostics import finish_length_diagnostics
+from levanter.trainer import Trainer
+
+
+class HeldOutEvaluator:
+    """Evaluates the SimPO loss, its metrics and the length diagnostics on held-out pairs, and remembers the
+    latest results for the summary."""
+
+    def __init__(self, trainer: Trainer, datasets: dict[str, object], loss_fn, sft_weight: float):
+        @eqx.filter_jit
+        def eval_loss(model, batch):
+            return loss_fn(trainer.mp.cast_to_compute(model), batch, key=None, length_diagnostics=True)
+
+        self._eval_loss = eval_loss
+        self._sft_weight = sft_weight
+        self._loaders = {name: trainer.data_loader(ds, trainer.EvalBatch) for name, ds in datasets.items()}
+        self._max_batches = trainer.config.max_eval_batches
+        self.latest: dict[str, float] = {}
+        self.latest_step: int | None = None
+
+    def __call__(self, info: StepInfo):
+        if self.latest_step == info.step:
+            return
+        results: dict[str, float] = {}
+        single = len(self._loaders) == 1
+        for name, loader in self._loaders.items():
+            _, metrics = callbacks.eval_loss_loop(
+                self._eval_loss, info.eval_model, loader, max_batches=self._max_batches, name=name
+            )
+            prefix = "eval" if single else f"eval/{name}"
+            named = {f"{prefix}/{k}": v for k, v in metrics.items() if not k.startswith("eval/")}
+            # Levanter's loop averages per-batch losses, which weighs a short last batch's pairs more; the folded
+            # metrics are exact means over the held-out pairs (and chosen tokens, for the SFT term)
+            named[f"{prefix}/loss"] = named[f"{prefix}/simpo_loss"] + self._sft_weight * named.get(
+                f"{prefix}/simpo_sft_loss", 0.0
+            )
+            results |= finish_length_diagnostics(named, prefix)
+        levanter.tracker.log(results, step=info.step)
+        self.latest, self.latest_step = results, info.step
+
+    def summary(self) -> str:
+        def pick(suffix: str) -> str:
+            return "  ".join(f"{k} {v:.4f}" for k, v in self.latest.items() if k.endswith(suffix))
+
+        parts = [pick(s) for s in ("rewards/accuracies", "/loss", "rewards/margins", "logps/chosen", "logps/rejected")]
+        return f"SimPO held-out metrics at step {self.latest_step}: " + "  ".join(p for p in parts if p)
