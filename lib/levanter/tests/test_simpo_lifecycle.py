@@ -38,7 +38,7 @@ from simpo_tiny_run import (
 )
 
 from levanter.main import train_simpo
-from levanter.main.simpo_run import RunLease, RunLeaseHeldError
+from levanter.main.simpo_lease import RunLease, RunLeaseHeldError
 
 CRASH_SIGNS = ("Traceback", "Exception ignored", "Fatal Python error", "terminate called", "Segmentation fault")
 

@@ -1,7 +1,8 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
 """The lifecycle of one SimPO run around Levanter's trainer: what it refuses at start, the lease that makes it the
-only writer of its checkpoints, preemption, the no-op rerun of a finished run, and a clean exit.
+only writer of its checkpoints (``simpo_lease``), preemption (``simpo_preemption``), the no-op rerun of a finished
+run, and a clean exit.
 
 ``main`` uses it as::
 
@@ -17,27 +18,19 @@ only writer of its checkpoints, preemption, the no-op rerun of a finished run, a
 """
 
 import atexit
-import contextlib
 import dataclasses
-import datetime
-import json
 import logging
 import os
-import signal
-import socket
 import sys
-import threading
-import time
 import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 import jax
-import numpy as np
-import psutil
-from jax.experimental import multihost_utils
 
 from levanter.callbacks import StepInfo
+from levanter.main.simpo_lease import RunLease
+from levanter.main.simpo_preemption import Preemption, RunPreempted
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +43,6 @@ MAX_ABS_GAMMA_BETA_RATIO = 1e2
 ratio 0.3-1.6). float32 keeps about 7 significant digits, so the ratio costs ``|ratio| * 6e-8`` nats of resolution on
 the margin: 6e-6 at 100, and at 1e38 the margin is lost entirely (the issue's ``--gamma_beta_ratio 1e38`` made a
 non-finite loss). A beta of 1e3 already turns the sigmoid into a step for margins 0.01 apart."""
-
-LEASE_FILE = "lease.json"
-LEASE_RENEW_EVERY = datetime.timedelta(minutes=1)
-LEASE_STALE_AFTER = datetime.timedelta(minutes=10)
-"""A lease held from another host, whose process this one cannot look up, is stale when not renewed for this long.
-The holder renews it every ``LEASE_RENEW_EVERY`` from a thread of its own, whatever the run is doing (building the
-data cache, compiling, saving), until it releases it."""
-
-
-class RunLeaseHeldError(RuntimeError):
-    """Another live process holds this run's checkpoint directory."""
-
 
 def check_run_id(run_id: str) -> None:
     """A run id names one directory under each output base path, so it must be a plain name."""
@@ -135,191 +116,6 @@ def check_writable(paths: dict[str, str]) -> None:
             fs.rm(probe)
         except Exception as e:
             raise ValueError(f"{field}: cannot write to {path}: {type(e).__name__}: {e}") from e
-
-
-def _process_alive(pid: int, started: float | None) -> bool:
-    try:
-        process = psutil.Process(pid)
-        # a recycled pid belongs to a process started later than the holder
-        return started is None or abs(process.create_time() - started) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-
-
-class RunLease:
-    """An exclusive lease on a run's checkpoint directory: ``lease.json`` names the holder's host and pid.
-
-    Taken with an exclusive create (``open(..., "xb")``: O_EXCL on local disk, a create-if-absent precondition on
-    object stores whose fsspec driver supports it). A lease whose holder is gone is taken over with a log line: on
-    the same host the holder's pid (and its start time) says so at once; from another host, a lease not renewed for
-    ``LEASE_STALE_AFTER``.
-    """
-
-    def __init__(self, checkpoint_dir: str, run_id: str):
-        self.path = f"{checkpoint_dir.rstrip('/')}/{LEASE_FILE}"
-        self.run_id = run_id
-        self._fs, self._plain = fsspec.core.url_to_fs(self.path)
-        self._record = {
-            "run_id": run_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "process_started": psutil.Process().create_time(),
-            "token": uuid.uuid4().hex,
-        }
-        self._stop_renewing = threading.Event()
-        self._renewer: threading.Thread | None = None
-
-    def acquire(self) -> None:
-        self._fs.makedirs(self._plain.rsplit("/", 1)[0], exist_ok=True)
-        self._record["taken"] = time.time()
-        for _ in range(3):
-            if self._create():
-                host, pid = self._record["host"], self._record["pid"]
-                logger.info(f"Run {self.run_id}: took the lease {self.path} (host {host}, pid {pid})")
-                self._renewer = threading.Thread(target=self._renew, name="simpo-run-lease", daemon=True)
-                self._renewer.start()
-                return
-            holder = self._read()
-            if holder is None:
-                continue  # released between our create and read
-            stale = self._staleness(holder)
-            if stale is None:
-                raise RunLeaseHeldError(
-                    f"Run {self.run_id} is already running: its checkpoint directory is leased by host "
-                    f"{holder.get('host')} pid {holder.get('pid')} since {_when(holder.get('taken'))} "
-                    f"({self.path}). Two writers would overwrite each other's checkpoints and exports; wait for "
-                    "that process to end or stop it, or use another trainer.id."
-                )
-            logger.warning(
-                f"Run {self.run_id}: taking over the stale lease {self.path} of host {holder.get('host')} pid "
-                f"{holder.get('pid')} ({stale})"
-            )
-            with contextlib.suppress(FileNotFoundError):
-                self._fs.rm(self._plain)
-        raise RunLeaseHeldError(f"Run {self.run_id}: could not take the lease {self.path}; another process keeps at it")
-
-    def _renew(self) -> None:
-        while not self._stop_renewing.wait(LEASE_RENEW_EVERY.total_seconds()):
-            try:
-                self._write()
-            except Exception:  # a storage hiccup; the next renewal may succeed, and the lease is stale only after many
-                logger.exception(f"Run {self.run_id}: could not renew the lease {self.path}")
-
-    def release(self) -> None:
-        # the renewing thread is joined here, so none is left at interpreter shutdown
-        if self._renewer is not None:
-            self._stop_renewing.set()
-            self._renewer.join()
-            self._renewer = None
-        holder = self._read()
-        if holder is not None and holder.get("token") == self._record["token"]:
-            self._fs.rm(self._plain)
-
-    def _create(self) -> bool:
-        record = self._stamped()
-        try:
-            with self._fs.open(self._plain, "xb") as f:
-                f.write(record)
-        except FileExistsError:
-            return False
-        except (ValueError, NotImplementedError):
-            # a driver without exclusive create: write, then read back to see whose lease stands
-            if self._fs.exists(self._plain):
-                return False
-            self._write()
-            return (self._read() or {}).get("token") == self._record["token"]
-        return True
-
-    def _stamped(self) -> bytes:
-        return json.dumps({**self._record, "renewed": time.time()}).encode()
-
-    def _write(self) -> None:
-        with self._fs.open(self._plain, "wb") as f:
-            f.write(self._stamped())
-
-    def _read(self) -> dict | None:
-        try:
-            with self._fs.open(self._plain, "rb") as f:
-                return json.loads(f.read() or b"{}")
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:
-            return {}  # a torn write: treated as a lease of unknown owner, stale by its age below
-
-    def _staleness(self, holder: dict) -> str | None:
-        """Why ``holder`` no longer holds the lease, or None if it may still."""
-        if holder.get("host") == self._record["host"] and isinstance(holder.get("pid"), int):
-            if _process_alive(holder["pid"], holder.get("process_started")):
-                return None
-            return "that process is gone"
-        renewed = holder.get("renewed")
-        if renewed is None:
-            renewed = self._fs.modified(self._plain).timestamp()
-        age = time.time() - renewed
-        if age > LEASE_STALE_AFTER.total_seconds():
-            return f"not renewed for {age:.0f} s"
-        return None
-
-
-def _when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return "an unknown time"
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-class RunPreempted(Exception):
-    """Preemption came before this process trained a step: there is nothing new to save."""
-
-
-class Preemption:
-    """SIGTERM (the first signal of a TPU or cloud preemption) asks the run to stop at the next step boundary.
-
-    ``stop_requested`` is asked once per step, between steps; with several hosts they agree on the step: JAX's
-    preemption sync point where ``jax.distributed`` runs the preemption service (it catches SIGTERM itself), else
-    any host's SIGTERM stops every host at the same step (one small all-gather per step).
-    """
-
-    def __init__(self):
-        self.signalled = False
-        self.stopped_after_step: int | None = None
-        self._previous_handler: Any = None
-        self._installed = False
-        self._use_jax_sync_point = jax.process_count() > 1 and _jax_preemption_service_running()
-
-    def install(self) -> None:
-        if self._use_jax_sync_point:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            # Python delivers signals to the main thread only; whoever runs us in a thread owns SIGTERM
-            logger.info("SimPO run started outside the main thread: SIGTERM is left to the caller")
-            return
-        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._installed = True
-
-    def uninstall(self) -> None:
-        if self._installed:
-            # None: the previous handler was not set from Python; the default is the closest we can restore
-            previous = self._previous_handler
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-            self._installed = False
-
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
-        self.signalled = True
-        logger.warning("SIGTERM: stopping at the next step boundary and saving a checkpoint there")
-
-    def stop_requested(self, next_step: int) -> bool:
-        if self._use_jax_sync_point:
-            return multihost_utils.reached_preemption_sync_point(next_step)
-        if jax.process_count() == 1:
-            return self.signalled
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.signalled))))
-
-
-def _jax_preemption_service_running() -> bool:
-    from jax._src import distributed  # the public API has no query for it; reached_preemption_sync_point raises
-
-    return distributed.global_state.preemption_sync_manager is not None
 
 
 class RunLifecycle:

@@ -1,0 +1,162 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""The lease that makes one process the only writer of a run's checkpoint directory: ``lease.json``, created
+exclusively (``O_EXCL`` on local disk; object stores through fsspec with a create-if-absent open where the driver
+has one, else write then read back), renewed by a thread of its own, released when the run ends, and taken over
+when its holder is gone."""
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import fsspec
+import psutil
+
+logger = logging.getLogger(__name__)
+
+LEASE_FILE = "lease.json"
+LEASE_RENEW_EVERY = datetime.timedelta(minutes=1)
+LEASE_STALE_AFTER = datetime.timedelta(minutes=10)
+"""A lease held from another host, whose process this one cannot look up, is stale when not renewed for this long.
+The holder renews it every ``LEASE_RENEW_EVERY`` from a thread of its own, whatever the run is doing (building the
+data cache, compiling, saving), until it releases it."""
+
+
+class RunLeaseHeldError(RuntimeError):
+    """Another live process holds this run's checkpoint directory."""
+
+
+def _process_alive(pid: int, started: float | None) -> bool:
+    try:
+        process = psutil.Process(pid)
+        # a recycled pid belongs to a process started later than the holder
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+class RunLease:
+    """An exclusive lease on a run's checkpoint directory: ``lease.json`` names the holder's host and pid.
+
+    Taken with an exclusive create (``open(..., "xb")``: O_EXCL on local disk, a create-if-absent precondition on
+    object stores whose fsspec driver supports it). A lease whose holder is gone is taken over with a log line: on
+    the same host the holder's pid (and its start time) says so at once; from another host, a lease not renewed for
+    ``LEASE_STALE_AFTER``.
+    """
+
+    def __init__(self, checkpoint_dir: str, run_id: str):
+        self.path = f"{checkpoint_dir.rstrip('/')}/{LEASE_FILE}"
+        self.run_id = run_id
+        self._fs, self._plain = fsspec.core.url_to_fs(self.path)
+        self._record = {
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "process_started": psutil.Process().create_time(),
+            "token": uuid.uuid4().hex,
+        }
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        self._fs.makedirs(self._plain.rsplit("/", 1)[0], exist_ok=True)
+        self._record["taken"] = time.time()
+        for _ in range(3):
+            if self._create():
+                host, pid = self._record["host"], self._record["pid"]
+                logger.info(f"Run {self.run_id}: took the lease {self.path} (host {host}, pid {pid})")
+                self._renewer = threading.Thread(target=self._renew, name="simpo-run-lease", daemon=True)
+                self._renewer.start()
+                return
+            holder = self._read()
+            if holder is None:
+                continue  # released between our create and read
+            stale = self._staleness(holder)
+            if stale is None:
+                raise RunLeaseHeldError(
+                    f"Run {self.run_id} is already running: its checkpoint directory is leased by host "
+                    f"{holder.get('host')} pid {holder.get('pid')} since {_when(holder.get('taken'))} "
+                    f"({self.path}). Two writers would overwrite each other's checkpoints and exports; wait for "
+                    "that process to end or stop it, or use another trainer.id."
+                )
+            logger.warning(
+                f"Run {self.run_id}: taking over the stale lease {self.path} of host {holder.get('host')} pid "
+                f"{holder.get('pid')} ({stale})"
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm(self._plain)
+        raise RunLeaseHeldError(f"Run {self.run_id}: could not take the lease {self.path}; another process keeps at it")
+
+    def _renew(self) -> None:
+        while not self._stop_renewing.wait(LEASE_RENEW_EVERY.total_seconds()):
+            try:
+                self._write()
+            except Exception:  # a storage hiccup; the next renewal may succeed, and the lease is stale only after many
+                logger.exception(f"Run {self.run_id}: could not renew the lease {self.path}")
+
+    def release(self) -> None:
+        # the renewing thread is joined here, so none is left at interpreter shutdown
+        if self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join()
+            self._renewer = None
+        holder = self._read()
+        if holder is not None and holder.get("token") == self._record["token"]:
+            self._fs.rm(self._plain)
+
+    def _create(self) -> bool:
+        record = self._stamped()
+        try:
+            with self._fs.open(self._plain, "xb") as f:
+                f.write(record)
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):
+            # a driver without exclusive create: write, then read back to see whose lease stands
+            if self._fs.exists(self._plain):
+                return False
+            self._write()
+            return (self._read() or {}).get("token") == self._record["token"]
+        return True
+
+    def _stamped(self) -> bytes:
+        return json.dumps({**self._record, "renewed": time.time()}).encode()
+
+    def _write(self) -> None:
+        with self._fs.open(self._plain, "wb") as f:
+            f.write(self._stamped())
+
+    def _read(self) -> dict | None:
+        try:
+            with self._fs.open(self._plain, "rb") as f:
+                return json.loads(f.read() or b"{}")
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return {}  # a torn write: treated as a lease of unknown owner, stale by its age below
+
+    def _staleness(self, holder: dict) -> str | None:
+        """Why ``holder`` no longer holds the lease, or None if it may still."""
+        if holder.get("host") == self._record["host"] and isinstance(holder.get("pid"), int):
+            if _process_alive(holder["pid"], holder.get("process_started")):
+                return None
+            return "that process is gone"
+        renewed = holder.get("renewed")
+        if renewed is None:
+            renewed = self._fs.modified(self._plain).timestamp()
+        age = time.time() - renewed
+        if age > LEASE_STALE_AFTER.total_seconds():
+            return f"not renewed for {age:.0f} s"
+        return None
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "an unknown time"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
