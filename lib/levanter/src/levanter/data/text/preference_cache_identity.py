@@ -49,9 +49,10 @@ def _local_digest(fs, path: str) -> str:
     return digest.hexdigest()
 
 
-def _file_version(fs, path: str) -> dict:
-    """A file's size and what changes with its content: a digest on local disk, the object store's version tag."""
-    info = fs.info(path)
+def _file_version(fs, path: str, info: dict | None = None) -> dict:
+    """A file's size and what changes with its content: a digest on local disk, the object store's version tag
+    (``info``: the file's listing entry, when the caller has it)."""
+    info = info if info is not None else fs.info(path)
     if "file" in fs.protocol:
         version = _local_digest(fs, path)
     else:
@@ -74,9 +75,10 @@ def source_identity(config: PreferenceLmDataConfig, name: str, split: str) -> di
 def cache_contents(fs, path: str) -> dict[str, dict]:
     """``{relative file: {"size", "version"}}`` of everything a built cache holds (not the records beside it)."""
     root = path.rstrip("/")
+    listing = fs.find(root, detail=True)  # one listing, not a request per file, on object stores
     return {
-        file[len(root) + 1 :]: _file_version(fs, file)
-        for file in sorted(fs.find(root))
+        file[len(root) + 1 :]: _file_version(fs, file, info)
+        for file, info in sorted(listing.items())
         if file.rsplit("/", 1)[-1] not in (IDENTITY_FILE, CONTENTS_FILE)
     }
 
