@@ -9,7 +9,7 @@ experiment's ``--run``.
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 import jmp
@@ -174,24 +174,24 @@ def _fingerprint_component(cache_dir: str, config: SimpleSimPOConfig) -> Dataset
 
 def _preference_data(
     ctx: StepContext,
-    train: ArtifactStep[TokenizedPreferenceCache],
+    train: Mapping[ArtifactStep[TokenizedPreferenceCache], float],
     validation: Sequence[ArtifactStep[TokenizedPreferenceCache]],
     config: SimpleSimPOConfig,
 ) -> PreferenceLmDataConfig:
-    """One training component plus weight-0 validation components, full Feistel-permutation shuffle."""
+    """The weighted training components plus weight-0 validation components, full Feistel-permutation shuffle."""
     expected_tokenizer = config.tokenizer
     if ctx.is_fingerprint:
-        handles = [train, *validation]
+        handles = [*train, *validation]
         return PreferenceLmDataConfig(
             components={h.name: _fingerprint_component(ctx.artifact_path(h), config) for h in handles},
-            train_weights={h.name: 1.0 if h is train else 0.0 for h in handles},
+            train_weights={h.name: train.get(h, 0.0) for h in handles},
             tokenizer=expected_tokenizer or "<tokenizer>",
             cache_dir=None,
             shuffle=True,
             permutation_type="feistel",
         )
     # mixture() reads each cache's tokenizer, format and location from its record
-    data = PreferenceLmDataConfig.from_lm_data_config(mixture(ctx, {train: 1.0}, validation=validation, shuffle=True))
+    data = PreferenceLmDataConfig.from_lm_data_config(mixture(ctx, dict(train), validation=validation, shuffle=True))
     if expected_tokenizer is not None and data.tokenizer != expected_tokenizer:
         raise ValueError(f"The preference caches were tokenized with {data.tokenizer}, not {expected_tokenizer}")
     components = {name: _with_training_format(name, c, config) for name, c in data.components.items()}
@@ -254,7 +254,7 @@ def _train_job(pod_config: TrainSimpoOnPodConfig) -> None:
 
 def default_simpo(
     name: str,
-    tokenized: ArtifactStep[TokenizedPreferenceCache],
+    tokenized: ArtifactStep[TokenizedPreferenceCache] | Mapping[ArtifactStep[TokenizedPreferenceCache], float],
     model_config: LmConfig,
     simpo_config: SimpleSimPOConfig,
     *,
@@ -266,12 +266,19 @@ def default_simpo(
 ) -> ArtifactStep[LevanterCheckpoint]:
     """A SimPO training run on ``tokenized`` as a Marin step producing a Levanter checkpoint.
 
+    ``tokenized`` is one preference cache, or several with their mixture weights (``{step: weight}``), mixed as
+    Levanter's data config mixes components; each keeps its own statistics and held-out metrics. A mixture trains
+    for ``num_train_steps`` (an epoch of a mixture is not one number).
+
     ``validation`` caches are evaluated when ``simpo_config.validation_split_fraction`` is None (otherwise the
     held-out pairs come from the training cache). Runs are tagged ``"dpo"``, never ``"simpo"``. The resources
     are a runtime argument: they pick where the job runs without changing the checkpoint's identity.
     ``version`` defers to the ambient build context when omitted; a ``dev`` version is namespaced per user.
     ``run_id`` (the tracker run and log name) defaults to the step's path with dashes for slashes.
     """
+    weights = dict(tokenized) if isinstance(tokenized, Mapping) else {tokenized: 1.0}
+    if len(weights) > 1 and simpo_config.num_train_epochs is not None:
+        raise ValueError(f"{name}: a mixture of preference caches trains for num_train_steps, not num_train_epochs")
     version = resolve_version(name, version)
     step_name = user_namespaced_name(name, version)
     # Marin would otherwise take the output directory's basename, which is just the version ("dev") here, so
@@ -288,7 +295,7 @@ def default_simpo(
 
     def build_config(ctx: StepContext) -> TrainSimpoOnPodConfig:
         train_config = TrainSimpoConfig(
-            data=_preference_data(ctx, tokenized, validation, simpo_config),
+            data=_preference_data(ctx, weights, validation, simpo_config),
             trainer=TrainerConfig(
                 id=run_id,
                 tracker=WandbConfig(
@@ -300,7 +307,7 @@ def default_simpo(
                 ),
                 mp=jmp.get_policy(MARIN_PRECISION),
                 train_batch_size=simpo_config.train_batch_size,
-                num_train_steps=_num_train_steps(ctx, tokenized, simpo_config),
+                num_train_steps=_num_train_steps(ctx, next(iter(weights)), simpo_config),
                 steps_per_eval=simpo_config.steps_per_eval,
                 checkpointer=CheckpointerConfig(
                     save_interval=_RESUMPTION_INTERVAL, keep=[dict(every=simpo_config.steps_per_checkpoint)]
@@ -351,6 +358,6 @@ def default_simpo(
         artifact_type=LevanterCheckpoint,
         run=_train_job,
         build_config=build_config,
-        deps=(tokenized, *validation),
+        deps=(*weights, *validation),
         runtime_args={"train_resources": simpo_config.resources},
     )

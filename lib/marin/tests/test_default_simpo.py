@@ -124,3 +124,18 @@ def test_a_preference_chat_cache_is_refused_by_name():
     config = SimpleSimPOConfig(resources=ResourceConfig.with_cpu(), num_train_steps=10)
     with pytest.raises(ValueError, match="'tokenized/old' is a PreferenceChatLmDatasetFormat cache"):
         defaults._with_training_format("tokenized/old", component, config)
+
+
+def test_a_weighted_mixture_of_preference_caches():
+    config = SimpleSimPOConfig(
+        resources=ResourceConfig.with_cpu(), num_train_steps=10, max_seq_len=Gpt2Config().max_seq_len
+    )
+    first, second = _tokenized("train"), _tokenized("more_train")
+    step = default_simpo("checkpoints/simpo_mix", {first: 0.75, second: 0.25}, Gpt2Config(), config, version=VERSION)
+    data = _train_config(step).data
+    assert data.train_weights == {first.name: 0.75, second.name: 0.25}
+    assert set(data.components) == {first.name, second.name}
+    assert set(step.deps) >= {first, second}
+    by_epoch = dataclasses.replace(config, num_train_steps=None, num_train_epochs=1)
+    with pytest.raises(ValueError, match="a mixture of preference caches trains for num_train_steps"):
+        default_simpo("checkpoints/simpo_mix", {first: 0.75, second: 0.25}, Gpt2Config(), by_epoch, version=VERSION)
