@@ -12,29 +12,24 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fsspec
 import jax
 import numpy as np
 import pytest
+from simpo_child_run import ChildRuns
 from simpo_tiny_run import (
     FREEZE_AT,
     REPO,
     SAVE_EVERY,
     STEPS,
+    SharedSetup,
     TrackedMetrics,
-    child_log_tail,
-    collect_child,
     final_model,
-    run_in_child,
     run_overrides,
-    shared_setup,
-    start_child,
     tiny_config,
     train_losses,
-    wait_for_freeze,
 )
 
 from levanter.main import train_simpo
@@ -43,15 +38,15 @@ from levanter.main.simpo_lease import RunLease, RunLeaseHeldError
 CRASH_SIGNS = ("Traceback", "Exception ignored", "Fatal Python error", "terminate called", "Segmentation fault")
 
 
-def _cli(tmp: Path, shared: dict, run_id: str, *extra: str) -> list[str]:
+def _cli(tmp: Path, shared: SharedSetup, run_id: str, *extra: str) -> list[str]:
     """The real entry point on the shared tiny subset, writing under ``tmp``."""
     return [
         sys.executable,
         "-m",
         "levanter.main.train_simpo",
         "--config_path",
-        shared["config"],
-        *shared["overrides"],
+        str(shared.config),
+        *shared.overrides,
         "--trainer.id",
         run_id,
         "--trainer.train_batch_size",
@@ -89,16 +84,15 @@ FINISHED_STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def finished_runs(tmp_path_factory):
+def finished_runs(tmp_path_factory, shared_setup):
     """Two short runs to the end and a rerun of the first; the second tracks with wandb (disabled), whose atexit
     teardown used to end every process with a traceback."""
     tmp = tmp_path_factory.mktemp("finished")
-    shared = shared_setup(tmp_path_factory.getbasetemp())
 
     def command(run_id: str, tracker: dict) -> list[str]:
         trackers = [{"type": "json_logger"}, {"type": "json_file", "output_path": str(tmp / "runs" / run_id)}, tracker]
         return _cli(
-            tmp, shared, run_id,
+            tmp, shared_setup, run_id,
             "--trainer.num_train_steps", str(FINISHED_STEPS),
             "--trainer.tracker", json.dumps([t for t in trackers if t]),
             # the periodic export falls on the last step too, where Levanter's final forced hooks export again
@@ -142,28 +136,27 @@ def test_the_final_hf_export_is_written_once(finished_runs):
 
 
 @pytest.fixture(scope="module")
-def preempted_runs(tmp_path_factory):
+def preempted_runs(tmp_path_factory, shared_setup):
     """A run SIGTERMed while step FREEZE_AT's hooks run, then resumed; and an uninterrupted run to compare."""
     tmp = tmp_path_factory.mktemp("preempted")
-    shared = shared_setup(tmp_path_factory.getbasetemp())
     preempted = run_overrides("preempted")
-    runs = [{"name": "sigtermed", "overrides": preempted, "freeze_at_step": FREEZE_AT, "freeze_until_signal": True}]
-    child, out = start_child(tmp, shared, runs)
-    wait_for_freeze(tmp, child, out)
-    os.kill(child.pid, signal.SIGTERM)
-    sigtermed = collect_child(tmp, child, out)["sigtermed"]
-    status, log = child.returncode, (tmp / "child.log").read_text()
+    child = ChildRuns(tmp, shared_setup, [{"name": "sigtermed", "overrides": preempted, "freeze_at_step": FREEZE_AT}])
+    child.wait_for_freeze()
+    child.process.send_signal(signal.SIGTERM)
+    sigtermed = child.collect()["sigtermed"]
+    status, log = child.process.returncode, child.log()
     checkpoints = sorted(p.name for p in (tmp / "checkpoints" / "preempted").glob("step-*"))
     later = tmp / "later"
     later.mkdir()
     (later / "checkpoints").symlink_to(tmp / "checkpoints")
-    results = run_in_child(later, shared, [
+    resuming = ChildRuns(later, shared_setup, [
         {"name": "resumed", "overrides": preempted},
         {"name": "reference", "overrides": run_overrides("reference")},
     ])  # fmt: skip
+    results = resuming.collect()
     return {
         "tmp": later, "status": status, "log": log, "sigtermed": sigtermed["steps"], "checkpoints": checkpoints,
-        "resumed": results["resumed"]["steps"], "resumed_log": (later / "child.log").read_text(),
+        "resumed": results["resumed"]["steps"], "resumed_log": resuming.log(),
         "reference": results["reference"]["steps"],
     }  # fmt: skip
 
@@ -190,19 +183,17 @@ def test_the_resume_after_sigterm_loses_no_step_and_ends_bit_identical(preempted
 # ---- one writer ----
 
 
-def test_a_second_process_with_the_same_run_id_is_refused_with_the_holders_host_and_pid(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lease")
-    shared = shared_setup(tmp_path_factory.getbasetemp())
-    holding = [{"name": "holder", "overrides": run_overrides("shared"), "freeze_at_step": 0}]
-    holder, out = start_child(tmp, shared, holding)
+def test_a_second_process_with_the_same_run_id_is_refused_with_the_holders_host_and_pid(tmp_path, shared_setup):
+    holding = {"name": "holder", "overrides": run_overrides("shared"), "freeze_at_step": 0}
+    holder = ChildRuns(tmp_path, shared_setup, [holding])
     try:
-        wait_for_freeze(tmp, holder, out)
-        status, output = _run_cli(tmp, "second", _cli(tmp, shared, "shared", "--trainer.num_train_steps", "2"))
+        holder.wait_for_freeze()
+        second = _cli(tmp_path, shared_setup, "shared", "--trainer.num_train_steps", "2")
+        status, output = _run_cli(tmp_path, "second", second)
     finally:
-        holder.kill()
-        holder.wait()
+        holder.close()
     assert status != 0, output[-4000:]
-    assert f"leased by host {socket.gethostname()} pid {holder.pid}" in output, child_log_tail(tmp)
+    assert f"leased by host {socket.gethostname()} pid {holder.process.pid}" in output, holder.log()[-6000:]
     assert "Saving checkpoint" not in output
 
 
@@ -272,18 +263,15 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     assert not fs.exists(path)
 
 
-def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("early_sigterm")
-    shared = shared_setup(tmp_path_factory.getbasetemp())
-    child, out = start_child(tmp, shared, [{"name": "early", "overrides": run_overrides("early")}])
-    lease = tmp / "checkpoints" / "early" / "lease.json"  # taken once the SIGTERM handler is in place
-    while not lease.exists():
-        assert child.poll() is None, child_log_tail(tmp)
-        time.sleep(0.05)
-    os.kill(child.pid, signal.SIGTERM)
-    collect_child(tmp, child, out)
-    log = (tmp / "child.log").read_text()
-    assert child.returncode == 0, log[-4000:]
+def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path, shared_setup):
+    # the run takes its lease once its SIGTERM handler is in place
+    early = {"name": "early", "overrides": run_overrides("early"), "freeze_at_message": "Run early: took the lease"}
+    child = ChildRuns(tmp_path, shared_setup, [early])
+    child.wait_for_freeze()
+    child.process.send_signal(signal.SIGTERM)
+    child.collect()
+    log = child.log()
+    assert child.process.returncode == 0, log[-4000:]
     assert "Run early preempted (SIGTERM) before its first step here; nothing new to save" in log
-    assert not list((tmp / "checkpoints" / "early").glob("step-*"))
-    assert not lease.exists()
+    assert not list((tmp_path / "checkpoints" / "early").glob("step-*"))
+    assert not (tmp_path / "checkpoints" / "early" / "lease.json").exists()

@@ -15,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 from simpo_pairs import PADDED, random_pairs
-from simpo_tiny_run import single_device_runs
 
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.preference import DpoExample
@@ -111,9 +110,9 @@ def test_guard_names_the_step_and_pairs_of_a_non_finite_step(tmp_path):
     assert "the gradients are not finite although the loss is " in str(errors[NAN_GRADIENT])
 
 
-def test_a_diverging_run_stops_with_the_step_and_blames_the_parameters(tmp_path_factory):
+def test_a_diverging_run_stops_with_the_step_and_blames_the_parameters(single_device_runs):
     # The learning rate of 1e30 leaves step 0 finite and makes every parameter about 1e30 for step 1.
-    runs = single_device_runs(tmp_path_factory.getbasetemp())
+    runs = single_device_runs
     assert runs.diverged_error is not None
     print(runs.diverged_error)
     assert runs.diverged_error.startswith("SimPO training step 1: ")

@@ -6,14 +6,14 @@ stopped: the same batches, bit-identical losses after the restart, bit-identical
 import jax
 import numpy as np
 import pytest
-from simpo_tiny_run import FREEZE_AT, SAVE_EVERY, STEPS, final_model, single_device_runs, train_losses
+from simpo_tiny_run import FREEZE_AT, SAVE_EVERY, STEPS, final_model, train_losses
 
 RESUMES_AT = SAVE_EVERY + 1  # checkpoint step-3 holds the state after step 3
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return single_device_runs(tmp_path_factory.getbasetemp())
+@pytest.fixture
+def runs(single_device_runs):
+    return single_device_runs
 
 
 def test_the_kill_lost_the_steps_after_the_checkpoint(runs):

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from simpo_tiny_run import TrackedMetrics, run, shared_setup, tiny_config, train_losses
+from simpo_tiny_run import SharedSetup, TrackedMetrics, run, tiny_config, train_losses
 
 from levanter.main import simpo_checkpoints, train_simpo
 from levanter.main.simpo_checkpoints import RECORD, CheckpointMismatchError, NoUsableCheckpointError
@@ -50,14 +50,14 @@ class Runs:
     """Tiny in-process runs of 8 pairs a step sharing one data cache, checkpointing steps 1, 3, 5, ... and the
     last one under ``tmp/checkpoints/RUN_ID``."""
 
-    def __init__(self, base: Path, tmp: Path):
-        self.shared = shared_setup(base)
+    def __init__(self, shared: SharedSetup, tmp: Path):
+        self.shared = shared
         self.tmp = tmp
 
     def config(self, run_id: str, steps: int, *extra: str):
         return tiny_config(
             self.tmp,
-            *self.shared["overrides"],
+            *self.shared.overrides,
             "--trainer.id",
             run_id,
             "--trainer.num_train_steps",
@@ -67,7 +67,7 @@ class Runs:
             "--trainer.steps_per_eval",
             "1000",
             *extra,
-            config_path=Path(self.shared["config"]),
+            config_path=self.shared.config,
         )
 
     def run(self, run_id: str, steps: int, *extra: str) -> tuple[dict[int, float], str]:
@@ -83,9 +83,9 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, shared_setup):
     """A finished 4-step run ("base": checkpoints step-2 and step-3) the tests copy and damage."""
-    runs = Runs(tmp_path_factory.getbasetemp(), tmp_path_factory.mktemp("identity"))
+    runs = Runs(shared_setup, tmp_path_factory.mktemp("identity"))
     losses, _ = runs.run("base", 4)
     assert sorted(losses) == [0, 1, 2, 3]
     assert runs.saved_steps("base") == ["step-2", "step-3"]
