@@ -18,6 +18,12 @@ from simpo_child_run import ChildRuns  # noqa: E402
 from simpo_tiny_run import DEVICES, FREEZE_AT, MESHES, SharedSetup, run_overrides, shared_setup_in  # noqa: E402
 
 
+@pytest.fixture
+def repo_cwd(monkeypatch):
+    """The tiny YAML's data and tokenizer paths are relative to the repository root."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[3])
+
+
 def _session_uses(request, fixture: str) -> bool:
     return any(fixture in item.fixturenames for item in request.session.items)
 

@@ -4,9 +4,7 @@
 as EOS, and the exported tokenizer carries the chat template the pairs were rendered with."""
 
 import json
-import os
 
-import pytest
 import yaml
 from simpo_tiny_run import REPO, run, tiny_config, training_subset_config
 
@@ -18,13 +16,6 @@ TOKENIZER = REPO / "lib" / "levanter" / "data" / "tiny_simpo" / "tokenizer"
 # can only carry it if it comes from the training format rather than from the tokenizer
 LLAMA3_YAML = REPO / "lib" / "levanter" / "config" / "simpo_ultrafeedback_llama3_8b.yaml"
 
-
-@pytest.fixture
-def repo_cwd():
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    yield
-    os.chdir(cwd)
 
 
 def _with_format_template(config_path, template: str):

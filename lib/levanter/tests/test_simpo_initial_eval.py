@@ -3,18 +3,10 @@
 """``run_initial_eval`` evaluates the starting model on the held-out pairs before the first step, at step 0."""
 
 import math
-import os
 
 import pytest
-from simpo_tiny_run import REPO, run, tiny_config, training_subset_config
+from simpo_tiny_run import run, tiny_config, training_subset_config
 
-
-@pytest.fixture
-def repo_cwd():
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    yield
-    os.chdir(cwd)
 
 
 def test_the_starting_model_is_evaluated_at_step_0(tmp_path, repo_cwd):

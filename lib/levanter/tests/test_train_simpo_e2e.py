@@ -4,27 +4,18 @@
 
 import json
 import math
-import os
 
 import haliax as hax
 import jax
 import jax.random as jrandom
 import numpy as np
 import pytest
-from simpo_tiny_run import REPO, final_model, run, tiny_config
+from simpo_tiny_run import final_model, run, tiny_config
 
 from levanter.data.text.preference_splits import build_preference_splits
 from levanter.main.simpo_layouts import pair_layout
 from levanter.main.train_simpo import simpo_loss
 
-
-@pytest.fixture(scope="module")
-def repo_cwd():
-    """The YAML's data and tokenizer paths are relative to the repository root."""
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    yield
-    os.chdir(cwd)
 
 
 def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
