@@ -39,7 +39,7 @@ def test_sigmoid_loss_matches_worked_example():
 
 
 def test_sft_example_with_beta_2_5():
-    # the loss guide's SFT example reuses the beta=2 loss; with beta=2.5 the SimPO part is -log sigmoid(2.0)
+    # SFT term with beta 2.5 (the worked example's logits 0.8): the SimPO part is -log sigmoid(2.0), not the beta=2 loss
     simpo_part, _ = _loss([-1.2], [-2.5], beta=2.5)
     assert simpo_part == pytest.approx(_softplus(-2.0), abs=1e-6)
     assert simpo_part + 0.1 * 1.2 == pytest.approx(0.2469, abs=1e-4)
