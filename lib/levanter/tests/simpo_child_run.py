@@ -173,7 +173,7 @@ def _child(spec_path: str):
         writes = CheckpointWrites()
         tracked = FreezingMetrics(entry, out, spec["frozen_fd"], writes)
         config = tiny_config(Path(spec["tmp"]), *entry["overrides"], config_path=Path(spec["config"]))
-        lease_log = logging.getLogger("levanter.main.simpo_run")
+        lease_log = logging.getLogger("levanter.main.simpo_lease")
         checkpoint_log = logging.getLogger("levanter.checkpoint")
         lease_log.addHandler(tracked)
         checkpoint_log.addHandler(writes)
