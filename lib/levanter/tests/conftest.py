@@ -106,3 +106,13 @@ def mesh_runs(request, mesh_child) -> tuple[Path, dict]:
     if _session_uses(request, "single_device_runs"):
         request.getfixturevalue("single_device_runs")  # made while the mesh runs' child runs
     return mesh_child.tmp, mesh_child.collect()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Levanter's training progress bar is never closed, and the trainers of in-process runs live until the
+    # interpreter exits, when closing the bar would log to a closed stream ("--- Logging error ---"); close the
+    # leftover bars while the streams are open
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
