@@ -336,6 +336,8 @@ def default_simpo(
             loss_type=simpo_config.loss_type,
             label_smoothing=simpo_config.label_smoothing,
             sft_weight=simpo_config.sft_weight,
+            pair_layout=simpo_config.pair_layout,
+            max_pairs_per_row=simpo_config.max_pairs_per_row,
             initialize_from_hf=initialize_from_hf,
             use_hf_model_config=simpo_config.use_hf_model_config,
             initialize_from_checkpoint_path=simpo_config.initialize_from_checkpoint_path,

@@ -13,6 +13,7 @@ from fray.types import ResourceConfig
 from levanter.adaptor import LoraAdaptorConfig
 from levanter.data.text.preference_prompt_completion import CompletionTokens, PromptCompletionPreferenceFormat
 from levanter.data.text.preference_truncation import TruncationMode
+from levanter.main.simpo_layouts import PairLayoutName
 from levanter.main.train_simpo import LossType, TrainSimpoConfig
 from levanter.optim.config import AdamConfig
 from levanter.schedule import IntSchedule
@@ -23,7 +24,11 @@ class SimpleSimPOConfig:
     resources: ResourceConfig
 
     train_batch_size: int | IntSchedule = 128
-    """Preference pairs per step."""
+    """Preference pairs per step (in every pair layout: packed layouts take the rows that hold this many)."""
+    pair_layout: PairLayoutName = "auto"
+    """How pairs fill the sequences; ``auto`` takes the fastest exact layout for the accelerator
+    (``levanter.main.simpo_layouts.resolve_pair_layout``)."""
+    max_pairs_per_row: int = 8
     num_train_steps: int | None = None
     num_train_epochs: int | None = None
     """Passes over the training pairs, resolved to steps from the tokenized cache when the run starts.
@@ -110,8 +115,8 @@ class SimpleSimPOConfig:
     @classmethod
     def from_train_config(cls, config: TrainSimpoConfig, **marin_choices) -> "SimpleSimPOConfig":
         """The recipe of a Levanter SimPO config (a YAML's): loss, data format and budgets, optimizer,
-        schedule, batch, sequence length, evaluation cadence and initial checkpoint. ``marin_choices`` sets the
-        rest (``resources`` at least) and may not restate a recipe field."""
+        schedule, batch and pair layout, sequence length, evaluation cadence and initial checkpoint.
+        ``marin_choices`` sets the rest (``resources`` at least) and may not restate a recipe field."""
         if not isinstance(config.optimizer, AdamConfig):
             raise ValueError(f"a SimPO recipe's optimizer must be adam, got {type(config.optimizer).__name__}")
         formats = [c.format for c in config.data.components.values()]
@@ -126,6 +131,8 @@ class SimpleSimPOConfig:
             raise ValueError(f"the recipe's max_length {data_format.max_length} is not its sequence length {seq_len}")
         recipe = dict(
             train_batch_size=config.trainer.train_batch_size,
+            pair_layout=config.pair_layout,
+            max_pairs_per_row=config.max_pairs_per_row,
             learning_rate=optimizer.learning_rate,
             weight_decay=optimizer.weight_decay,
             warmup=optimizer.warmup,

@@ -242,7 +242,7 @@ def startup_seconds(n_pairs: int, layouts: dict, root: str, seq_len: int = 2048,
     for name, layout in layouts.items():
         start = time.perf_counter()
         splits = build_preference_splits(
-            config, lambda pairs: layout.rows(pairs, Pos), seq_len=seq_len, key=jrandom.PRNGKey(0),
+            config, lambda pairs, kept: layout.rows(pairs, kept, Pos), seq_len=seq_len, key=jrandom.PRNGKey(0),
             validation_split_fraction=0.005,
         )
         built = time.perf_counter() - start

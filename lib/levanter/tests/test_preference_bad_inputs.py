@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import draccus
-import numpy as np
 import pytest
 from haliax import Axis
 from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_style_tokenizer, preference_row
@@ -17,7 +16,7 @@ from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_sty
 from preference_build import build_and_check
 
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.text.preference_splits import held_out_rows, num_validation_pairs
+from levanter.data.text.preference_splits import num_validation_pairs
 from levanter.data.text.preference_rows import PreferenceRowError
 from levanter.main import train_simpo
 from levanter.main.train_simpo import TrainSimpoConfig, validate_config
@@ -221,16 +220,6 @@ def test_a_special_token_written_in_the_text_is_dropped(tokenizer, text):
     result = scan(tokenizer, [GOOD, quoting, GOOD])
     assert result.rows_dropped_for("special_token_text") == [1]
     assert result.stats.dropped == dropped_counts(special_token_text=1)
-
-
-@pytest.mark.parametrize("pairs_per_row, held_out, rows", [([1, 1, 1, 1], 2, 2), ([3, 2, 4], 3, 1), ([3, 2, 4], 5, 2)])
-def test_held_out_rows_are_whole_rows_from_the_end(pairs_per_row, held_out, rows):
-    assert held_out_rows(np.array(pairs_per_row), held_out) == rows
-
-
-def test_held_out_rows_leave_a_row_to_train():
-    assert held_out_rows(np.array([8]), 1) == 0
-    assert held_out_rows(np.array([4, 4]), 7) == 1
 
 
 def test_a_training_sequence_longer_than_the_model(tmp_path, monkeypatch):

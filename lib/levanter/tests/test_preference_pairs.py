@@ -18,15 +18,15 @@ from levanter.data.text.preference import PreferenceChatLmDatasetFormat, Prefere
 from levanter.data.text.preference_cache_identity import cache_contents
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.text.preference_rows import PreferenceRowError
-from levanter.data.text.preference_splits import build_preference_splits, preference_pair_rows
+from levanter.data.text.preference_splits import build_preference_splits, padded_pair_rows
 
 Pos = Axis("position", 48)
 
 
-def _splits(config, *, validation_split_fraction, pairs_per_row=1):
+def _splits(config, *, validation_split_fraction):
     return build_preference_splits(
         config,
-        lambda pairs: preference_pair_rows(pairs, Pos, pairs_per_row),
+        lambda pairs, kept: padded_pair_rows(pairs, kept, Pos),
         seq_len=Pos.size,
         key=jrandom.PRNGKey(0),
         validation_split_fraction=validation_split_fraction,

@@ -1,9 +1,9 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
 """Every ``pair_layout`` on the shipped tiny held-out pairs, through the datasets and the loss the trainer uses
-(``build_preference_splits`` over a real cache, Levanter's ``PreferencePairDataset`` for ``padded`` and
-``packed``): the same pairs, the same loss and the same gradients, for rotary (Llama) and absolute (GPT-2)
-position embeddings."""
+(``build_preference_splits`` over a real cache: Levanter's ``PreferencePairDataset`` for ``padded``, first-fit
+decreasing rows for ``packed`` and ``shared_prompt``): the same pairs, the same loss and the same gradients, for
+rotary (Llama) and absolute (GPT-2) position embeddings."""
 
 import dataclasses
 import os
@@ -52,7 +52,7 @@ def held_out_batch(tiny, layout_name: str):
     layout = pair_layout(layout_name, PAIRS_PER_ROW)
     Pos = Axis("position", SEQ)
     splits = build_preference_splits(
-        tiny.data, lambda pairs: layout.rows(pairs, Pos), seq_len=SEQ, key=jrandom.PRNGKey(0),
+        tiny.data, lambda pairs, kept: layout.rows(pairs, kept, Pos), seq_len=SEQ, key=jrandom.PRNGKey(0),
         validation_split_fraction=None,
     )
     sync = splits.validation["tiny_simpo"].as_sync_dataset()
@@ -112,12 +112,3 @@ def test_every_layout_gives_the_same_loss_and_gradient_over_the_same_pairs(tiny,
 def test_bad_layout_settings_are_rejected(tiny, field, value):
     with pytest.raises(ValueError, match=field):
         validate_config(dataclasses.replace(tiny, **{field: value}))
-
-
-def test_the_padded_layout_says_what_packing_would_save():
-    from levanter.main.simpo_layouts import padded_layout_note
-
-    note = padded_layout_note(mean_sequence_tokens=16.0, seq_len=64, max_pairs_per_row=8)
-    assert "real tokens fill 25% of the 64 positions" in note and "about 4 pairs a row" in note
-    assert "divide trainer.train_batch_size by about 4" in note
-    assert "about 8 pairs" in padded_layout_note(mean_sequence_tokens=2.0, seq_len=64, max_pairs_per_row=8)

@@ -60,7 +60,7 @@ def _held_out_losses(config, model) -> tuple[float, float]:
     layout = pair_layout("padded", 1)
     Pos = model.Pos
     splits = build_preference_splits(
-        config.data, lambda pairs: layout.rows(pairs, Pos), seq_len=Pos.size, key=jrandom.PRNGKey(0),
+        config.data, lambda pairs, kept: layout.rows(pairs, kept, Pos), seq_len=Pos.size, key=jrandom.PRNGKey(0),
         validation_split_fraction=None,
     )
     items = splits.validation["tiny_simpo"].as_sync_dataset().get_batch(list(range(250)))

@@ -3,13 +3,15 @@
 """Pair layouts: how SimPO's pairs fill the rows of a batch, and how each pair's log-probs come back out.
 
 - ``padded``: Levanter's ``PreferencePairDataset``, one pair a row pair (chosen row, rejected row);
-- ``packed``: the same dataset with up to ``max_pairs_per_row`` consecutive pairs a row pair, through its greedy
-  prepacking; segment ids keep the pairs apart in attention, and positions restart at each pair, so every
-  position embedding (rotary or absolute) sees what it would see for the pair alone;
+- ``packed``: Levanter ``DpoExample``s of up to ``max_pairs_per_row`` pairs a row pair, grouped by first-fit
+  decreasing (``levanter.data.text.preference_pair_packing``); segment ids keep the pairs apart in attention, and
+  positions restart at each pair, so every position embedding (rotary or absolute) sees what it would see for
+  the pair alone;
 - ``shared_prompt``: one row of ``prompt, chosen, rejected`` per pair, several pairs a row
   (``levanter.data.text.preference_shared_prompt``): the prompt runs once. Its attention needs an explicit mask
   (the rejected completion sees the prompt, not the chosen one), which TPU's splash-attention kernel does not
-  take, so there it falls back to reference attention.
+  take, so there it falls back to reference attention;
+- ``auto`` (the default): the fastest of these for the platform and rows (``resolve_pair_layout``).
 
 A layout is chosen once from the config (``pair_layout``) and both builds the rows and reduces the model's
 per-position log-probs to per-pair sums and counts, with axes ``{preference_side, ..., pair_in_row}``. Log-probs
@@ -25,20 +27,22 @@ from typing import Literal
 import haliax as hax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from haliax import Axis, NamedArray
 
 from levanter.data.text.preference import DpoExample
 from levanter.data.text.preference_cache import CachedPairs
 from levanter.data.text.preference_shared_prompt import CHOSEN, REJECTED, PrefixSharedPairs
-from levanter.data.text.preference_splits import PairRows, preference_pair_rows, shared_prompt_rows
+from levanter.data.text.preference_splits import PairRows, packed_pair_rows, padded_pair_rows, shared_prompt_rows
 from levanter.layers.attention import AttentionMask
 from levanter.models.lm_model import LmExample, LmHeadModel, split_activations
 from levanter.models.loss import maybe_fused_next_token_loss
+from levanter.trainer import TrainerConfig
 
 logger = logging.getLogger(__name__)
 
-PairLayoutName = Literal["padded", "packed", "shared_prompt"]
-PAIR_LAYOUTS: tuple[str, ...] = ("padded", "packed", "shared_prompt")
+PairLayoutName = Literal["auto", "padded", "packed", "shared_prompt"]
+PAIR_LAYOUTS: tuple[str, ...] = ("auto", "padded", "packed", "shared_prompt")
 
 # chosen and rejected completions run through the model as one batch along this axis
 Side = Axis("preference_side", 2)
@@ -90,7 +94,8 @@ class PairLayout(abc.ABC):
         """Sequences of the training length one row of the dataset puts through the model."""
 
     @abc.abstractmethod
-    def rows(self, pairs: CachedPairs, Pos: Axis) -> PairRows: ...
+    def rows(self, pairs: CachedPairs, kept: np.ndarray, Pos: Axis) -> PairRows:
+        """The pairs at cache rows ``kept`` laid out in rows of ``Pos``."""
 
     @abc.abstractmethod
     def logps(self, model: LmHeadModel, example, *, key=None) -> PairLogps: ...
@@ -129,20 +134,22 @@ def _positions_within_segments(segment_ids: NamedArray, Pos: Axis) -> NamedArray
 
 @dataclasses.dataclass(frozen=True)
 class SegmentPackedPairs(PairLayout):
-    """``padded`` (one pair a row) and ``packed``: Levanter's ``PreferencePairDataset`` and its ``DpoExample``s."""
+    """``padded`` (Levanter's ``PreferencePairDataset``, one pair a row) and ``packed``: ``DpoExample`` rows."""
 
     @property
     def sequences_per_row(self) -> int:
         return 2
 
-    def rows(self, pairs: CachedPairs, Pos: Axis) -> PairRows:
-        return preference_pair_rows(pairs, Pos, self.max_pairs_per_row)
+    def rows(self, pairs: CachedPairs, kept: np.ndarray, Pos: Axis) -> PairRows:
+        if self.name == "padded":
+            return padded_pair_rows(pairs, kept, Pos)
+        return packed_pair_rows(pairs, kept, Pos, self.max_pairs_per_row)
 
     def logps(self, model: LmHeadModel, example: DpoExample, *, key=None) -> PairLogps:
         stacked = _stack_sides(example)
         Pos = stacked.tokens.resolve_axis(model.Pos.name)
         segment_ids = stacked.attn_mask.segment_ids[0]
-        # the packer numbers segments by cache row; renumber 0, 1, ... within each row
+        # Levanter's dataset numbers a padded row's segment by its cache row; renumber 0, 1, ... within each row
         valid = segment_ids >= 0
         first = hax.min(hax.where(valid, segment_ids, jnp.iinfo(jnp.int32).max), axis=Pos)
         local = hax.where(valid, segment_ids - first, -1)
@@ -185,8 +192,8 @@ class SharedPromptPairs(PairLayout):
     def sequences_per_row(self) -> int:
         return 1
 
-    def rows(self, pairs: CachedPairs, Pos: Axis) -> PairRows:
-        return shared_prompt_rows(pairs, Pos, self.max_pairs_per_row)
+    def rows(self, pairs: CachedPairs, kept: np.ndarray, Pos: Axis) -> PairRows:
+        return shared_prompt_rows(pairs, kept, Pos, self.max_pairs_per_row)
 
     def logps(self, model: LmHeadModel, rows: PrefixSharedPairs, *, key=None) -> PairLogps:
         Pos = rows.tokens.resolve_axis(model.Pos.name)
@@ -213,9 +220,38 @@ def check_pair_layout(name: str, max_pairs_per_row: int) -> None:
         raise ValueError(f"max_pairs_per_row must be at least 1, got {max_pairs_per_row}")
 
 
+def resolve_pair_layout(name: str, seq_len: int, max_lengths: list[int | None], backend: str) -> tuple[str, str]:
+    """The layout a config's ``pair_layout`` stands for on ``backend``, and why (for the start-up log).
+
+    ``auto`` never pads one pair a row: packed rows give every model the same loss and gradients. It takes
+    ``shared_prompt`` (the prompt runs once) where the attention runs on an explicit mask anyway (the CPU) and a
+    row holds any pair's prompt and both completions (twice every component's ``max_length``); ``packed``
+    otherwise: the fused attention kernels of GPUs and TPUs take packed pairs' segment ids but not an explicit mask.
+    """
+    if name != "auto":
+        return name, "as configured"
+    if backend != "cpu":
+        return "packed", (
+            f"auto on {backend}: its fused attention kernel takes packed pairs' segment ids, not shared_prompt's "
+            "explicit mask"
+        )
+    if max_lengths and all(m is not None and 2 * m <= seq_len for m in max_lengths):
+        return "shared_prompt", (
+            f"auto on cpu: the prompt runs once, and {seq_len} positions hold any pair's prompt and both "
+            f"completions (twice the data's max_length {max(m for m in max_lengths if m is not None)})"
+        )
+    longest = "unbounded" if not max_lengths or None in max_lengths else max(max_lengths)
+    return "packed", (
+        f"auto on cpu: shared_prompt needs rows of twice the data's max_length ({longest}) to hold any pair; "
+        f"these have {seq_len} positions"
+    )
+
+
 def pair_layout(name: str, max_pairs_per_row: int) -> PairLayout:
-    """The layout a config names; ``max_pairs_per_row`` is unused by ``padded``."""
+    """The layout a config names (after ``resolve_pair_layout``); ``max_pairs_per_row`` is unused by ``padded``."""
     check_pair_layout(name, max_pairs_per_row)
+    if name == "auto":
+        raise ValueError("pair_layout auto stands for another layout: resolve it first (resolve_pair_layout)")
     if name == "padded":
         return SegmentPackedPairs(name, 1)
     if name == "packed":
@@ -229,14 +265,32 @@ def pair_layout(name: str, max_pairs_per_row: int) -> PairLayout:
     return SharedPromptPairs(name, max_pairs_per_row)
 
 
-def padded_layout_note(mean_sequence_tokens: float, seq_len: int, max_pairs_per_row: int) -> str:
-    """Why a run pads one pair a row, and what ``packed`` would save, for the start-up log."""
-    filled = mean_sequence_tokens / seq_len
-    per_row = max(1, min(max_pairs_per_row, int(seq_len // max(mean_sequence_tokens, 1))))
+def rows_per_step(pairs_per_step: int, pairs_per_row: float, multiple_of: int) -> int:
+    """Rows a step takes to hold ``pairs_per_step`` pairs on average: ``train_batch_size`` counts pairs whatever
+    the layout, so a recipe keeps its pairs a step. Rounded to a multiple of the data-parallel width."""
+    rows = max(1, round(pairs_per_step / pairs_per_row))
+    return max(multiple_of, round(rows / multiple_of) * multiple_of)
+
+
+def trainer_in_rows(trainer: TrainerConfig, pairs_per_row: float) -> TrainerConfig:
+    """The trainer config with its batch sizes in rows of a layout holding ``pairs_per_row`` pairs on average.
+
+    Packed layouts refuse microbatches (``validate_config``): a step's rows all run at once."""
+    width = trainer.data_axis_size
+    batch = trainer.train_batch_size
+    if isinstance(batch, int):
+        rows: int | list = rows_per_step(batch, pairs_per_row, width)
+        per_device = rows // width
+    else:
+        rows = [dataclasses.replace(p, value=rows_per_step(p.value, pairs_per_row, width)) for p in batch]
+        per_device = -1
+    return dataclasses.replace(trainer, train_batch_size=rows, per_device_parallelism=per_device)
+
+
+def layout_note(name: str, reason: str, rows: PairRows, sequences_per_row: int, seq_len: int) -> str:
+    """What the start-up log says of the layout: why it was chosen, and how full its rows are."""
+    filled = rows.real_tokens / max(1, len(rows.pairs_per_row) * sequences_per_row * seq_len)
     return (
-        f"pair_layout padded: real tokens fill {filled:.0%} of the {seq_len} positions of a row. pair_layout packed "
-        f"would hold about {per_row} pairs a row with the same loss and gradients (positions restart at every pair). "
-        "It is not the default because batch sizes count rows: a batch of N packed rows holds about "
-        f"{per_row}*N pairs, which changes a recipe tuned in pairs a step; to switch, set pair_layout packed and "
-        f"divide trainer.train_batch_size by about {per_row}"
+        f"pair_layout {name} ({reason}): {rows.pairs_per_row.mean():.2f} pairs a row on average; real tokens fill "
+        f"{filled:.1%} of the positions"
     )

@@ -8,6 +8,7 @@ tokens the preference stack marks as trained. One model, no reference model. SIM
 the functions below.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -48,8 +49,10 @@ from levanter.main.simpo_layouts import (
     PairLayoutName,
     Side,
     check_pair_layout,
+    layout_note,
     pair_layout,
-    padded_layout_note,
+    resolve_pair_layout,
+    trainer_in_rows,
 )
 from levanter.main.simpo_run import RunLifecycle, validate_run_settings
 from levanter.metrics import Metric, ReductionType
@@ -87,12 +90,14 @@ class TrainSimpoConfig:
     use_hf_model_config: bool = False
     initialize_from_checkpoint_path: Optional[str] = None
 
-    pair_layout: PairLayoutName = "padded"
+    pair_layout: PairLayoutName = "auto"
     """How pairs fill the sequences (``levanter.main.simpo_layouts``): ``padded`` is one pair per chosen/rejected
-    row pair; ``packed`` puts up to ``max_pairs_per_row`` consecutive pairs in each row pair as attention
-    segments, positions restarting at each pair; ``shared_prompt`` puts up to ``max_pairs_per_row`` pairs in one
-    row each as ``prompt, chosen, rejected``, the prompt run once. The loss is the same mean over pairs; batch
-    sizes then count rows, not pairs."""
+    row pair; ``packed`` puts up to ``max_pairs_per_row`` pairs in each row pair as attention segments, positions
+    restarting at each pair; ``shared_prompt`` puts up to ``max_pairs_per_row`` pairs in one row each as
+    ``prompt, chosen, rejected``, the prompt run once; ``auto`` takes the fastest of these for the platform (the
+    start-up log says which, and why). Every layout trains the same loss, the mean over a step's pairs, and
+    ``trainer.train_batch_size`` counts pairs in every layout: a step takes the rows that hold that many pairs on
+    average."""
     max_pairs_per_row: int = 8
     """Most pairs in one row of the ``packed`` and ``shared_prompt`` layouts (at least 1); unused by ``padded``."""
 
@@ -301,7 +306,16 @@ def main(config: TrainSimpoConfig):
     run_dir = simpo_plot.record_run(config.trainer)
     optimizer = config.optimizer.build(config.trainer.num_train_steps)
 
-    layout = pair_layout(config.pair_layout, config.max_pairs_per_row)
+    train_length = config.train_seq_len if config.train_seq_len is not None else config.model.max_seq_len
+    if not 0 < train_length <= config.model.max_seq_len:
+        raise ValueError(
+            f"train_seq_len must be in [1, model max_seq_len={config.model.max_seq_len}], got {train_length}"
+        )
+    max_lengths = [c.format.max_length for c in config.data.components.values()]
+    layout_name, layout_reason = resolve_pair_layout(config.pair_layout, train_length, max_lengths, jax.default_backend())
+    layout = pair_layout(layout_name, config.max_pairs_per_row)
+    # the run's identity records the layout its rows were made by: another platform may resolve auto otherwise
+    config = dataclasses.replace(config, pair_layout=layout_name)
 
     def loss_function(
         model: LmHeadModel, example: DpoExample | PrefixSharedPairs, *, key=None, length_diagnostics: bool = False
@@ -319,26 +333,17 @@ def main(config: TrainSimpoConfig):
             key=key,
         )
 
-    with RunLifecycle(config) as run, Trainer(config.trainer, optimizer, loss_function) as trainer:
-        run.attach(trainer)
+    with RunLifecycle(config) as run, contextlib.ExitStack() as stack:
         data_key, model_key, training_key = jrandom.split(jrandom.PRNGKey(config.trainer.seed), 3)
         if config.data_seed is not None:
             logger.info(f"Overriding data seed with {config.data_seed}")
             data_key = jrandom.PRNGKey(config.data_seed)
         adapter_key = jrandom.fold_in(model_key, ord("a"))
-        parameter_axis_mapping = trainer.parameter_axis_mapping
-
-        train_length = config.train_seq_len if config.train_seq_len is not None else config.model.max_seq_len
-        if not 0 < train_length <= config.model.max_seq_len:
-            raise ValueError(
-                f"train_seq_len must be in [1, model max_seq_len={config.model.max_seq_len}], got {train_length}"
-            )
         Pos = config.model.max_Pos.resize(train_length)
-        Vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), parameter_axis_mapping)
 
         splits = build_preference_splits(
             config.data,
-            lambda pairs: layout.rows(pairs, Pos),
+            lambda pairs, kept: layout.rows(pairs, kept, Pos),
             seq_len=Pos.size,
             key=data_key,
             validation_split_fraction=config.validation_split_fraction,
@@ -346,9 +351,19 @@ def main(config: TrainSimpoConfig):
         for split, stats in splits.stats.items():
             logger.info(f"Preference data ({split}): {stats.describe()}")
             levanter.tracker.log_summary(stats.as_metrics(f"data/{split}"))
-        if layout.name == "padded":
-            mean_tokens = max(stats.mean_sequence_tokens for stats in splits.stats.values())
-            logger.info(padded_layout_note(mean_tokens, Pos.size, config.max_pairs_per_row))
+        for name, rows in splits.train_rows.items():
+            logger.info(f"{name}: " + layout_note(layout.name, layout_reason, rows, layout.sequences_per_row, Pos.size))
+        trainer_config = config.trainer
+        if layout.name != "padded":
+            trainer_config = trainer_in_rows(config.trainer, splits.pairs_per_row)
+            logger.info(
+                f"trainer.train_batch_size {config.trainer.train_batch_size} pairs: {trainer_config.train_batch_size} "
+                f"rows of {splits.pairs_per_row:.2f} pairs on average a step"
+            )
+        trainer = stack.enter_context(Trainer(trainer_config, optimizer, loss_function))
+        run.attach(trainer)
+        parameter_axis_mapping = trainer.parameter_axis_mapping
+        Vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), parameter_axis_mapping)
         gamma = config.beta * config.gamma_beta_ratio
         logger.info(f"SimPO: beta={config.beta}, gamma_beta_ratio={config.gamma_beta_ratio}, gamma={gamma}")
         levanter.tracker.log_summary({"simpo/beta": config.beta, "simpo/gamma": gamma})

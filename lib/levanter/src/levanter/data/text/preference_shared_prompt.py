@@ -17,9 +17,9 @@ import numpy as np
 from haliax import Axis, NamedArray
 
 from levanter.data.dataset import AsyncDataset
-from levanter.data.packing import pack_documents
 
 from .preference_cache import CachedPairs
+from .preference_pair_packing import first_fit_decreasing
 
 # roles of the positions of a shared-prompt row
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
@@ -109,12 +109,11 @@ def pack_shared_rows(layouts: Sequence[SharedPairLayout], Pos: Axis) -> dict[str
 
 
 class SharedPromptPairDataset(AsyncDataset[PrefixSharedPairs]):
-    """The pairs of a split that train, up to ``max_pairs_per_row`` consecutive ones a row, packed in cache
-    order by Levanter's ``pack_documents`` from the lengths the cache builder recorded."""
+    """The pairs at cache rows ``kept``, up to ``max_pairs_per_row`` a row, grouped by ``first_fit_decreasing``
+    from the lengths the cache builder recorded."""
 
-    def __init__(self, pairs: CachedPairs, Pos: Axis, max_pairs_per_row: int):
+    def __init__(self, pairs: CachedPairs, kept: np.ndarray, Pos: Axis, max_pairs_per_row: int):
         super().__init__()
-        kept = pairs.kept
         lengths = (pairs.column("chosen_length") + pairs.column("rejected_length") - pairs.column("prompt_length"))[
             kept
         ]
@@ -128,7 +127,7 @@ class SharedPromptPairDataset(AsyncDataset[PrefixSharedPairs]):
         self.Pos = Pos
         self.prompt_length = pairs.column("prompt_length")
         self.view = pairs.pair_fields_view()
-        self.rows = [kept[r] for r in pack_documents(lengths, Pos.size, max_pairs_per_row)]
+        self.rows = [kept[g] for g in first_fit_decreasing(lengths, Pos.size, max_pairs_per_row)]
 
     async def async_len(self) -> int:
         return len(self.rows)

@@ -20,6 +20,7 @@ from levanter.data.text.preference import PreferenceLmDataConfig, PreferencePair
 from levanter.store.cache import TreeCache
 
 from .preference_cache import CachedPairs, open_cached_pairs
+from .preference_pair_packing import PackedPairDataset, first_fit_decreasing
 from .preference_prompt_completion import PromptCompletionPreferenceFormat
 from .preference_shared_prompt import SharedPromptPairDataset
 from .preference_cache_identity import build_identified_caches, recorded_identity
@@ -34,9 +35,8 @@ class PairRows:
 
     dataset: AsyncDataset
     pairs_per_row: np.ndarray
-
-    def subset(self, rows: np.ndarray) -> "PairRows":
-        return PairRows(RowSubset(self.dataset, rows), self.pairs_per_row[rows])
+    real_tokens: int
+    """Positions of the rows that hold a pair's token (the rest is padding)."""
 
 
 class RowSubset(AsyncDataset):
@@ -56,37 +56,33 @@ class RowSubset(AsyncDataset):
         return await self.dataset.get_batch([int(self.rows[i]) for i in indices])
 
 
-def preference_pair_rows(pairs: CachedPairs, Pos: Axis, max_pairs_per_row: int) -> PairRows:
-    """Levanter's ``PreferencePairDataset`` over the cache: one pair a row, or up to ``max_pairs_per_row``
-    consecutive pairs a row through its greedy prepacking (segment ids tell the pairs apart). Rows that hold no
-    training pair (dropped rows keep their place in the cache, with no tokens) are left out."""
-    dataset = PreferencePairDataset(pairs.pair_fields_view(), Pos, max_segments_per_example=max_pairs_per_row)
-    trains = pairs.trains
-    # the packer's plan: a range of cache rows per example (counted in one pass: a million rows at start-up)
-    plan = dataset.packed._pack_indices
-    starts = np.fromiter((r.start for r in plan), dtype=np.int64, count=len(plan))
-    stops = np.fromiter((r.stop for r in plan), dtype=np.int64, count=len(plan))
-    trained_before = np.concatenate([[0], np.cumsum(trains, dtype=np.int64)])
-    counts = trained_before[stops] - trained_before[starts]
-    return PairRows(dataset, counts).subset(np.flatnonzero(counts))
+def padded_pair_rows(pairs: CachedPairs, kept: np.ndarray, Pos: Axis) -> PairRows:
+    """Levanter's ``PreferencePairDataset`` over the cache, one pair a row, at the cache rows ``kept``."""
+    dataset = PreferencePairDataset(pairs.pair_fields_view(), Pos, max_segments_per_example=1)
+    return PairRows(RowSubset(dataset, kept), np.ones(len(kept), dtype=np.int64), _both_sides(pairs, kept))
 
 
-def shared_prompt_rows(pairs: CachedPairs, Pos: Axis, max_pairs_per_row: int) -> PairRows:
-    dataset = SharedPromptPairDataset(pairs, Pos, max_pairs_per_row)
-    return PairRows(dataset, np.array([len(r) for r in dataset.rows]))
+def _both_sides(pairs: CachedPairs, kept: np.ndarray) -> int:
+    return int(pairs.column("chosen_length")[kept].sum() + pairs.column("rejected_length")[kept].sum())
 
 
-RowBuilder = Callable[[CachedPairs], PairRows]
-"""A pair layout's way of putting a split's pairs in rows."""
+def packed_pair_rows(pairs: CachedPairs, kept: np.ndarray, Pos: Axis, max_pairs_per_row: int) -> PairRows:
+    """The pairs at cache rows ``kept``, up to ``max_pairs_per_row`` a row pair (``first_fit_decreasing`` on both
+    sides' lengths), as ``DpoExample``s whose attention segments are pairs."""
+    sides = np.stack([pairs.column("chosen_length"), pairs.column("rejected_length")], axis=1)[kept]
+    groups = [kept[g] for g in first_fit_decreasing(sides, Pos.size, max_pairs_per_row)]
+    counts = np.array([len(g) for g in groups], dtype=np.int64)
+    return PairRows(PackedPairDataset(pairs, groups, Pos), counts, _both_sides(pairs, kept))
 
 
-def held_out_rows(pairs_per_row: np.ndarray, held_out_pairs: int) -> int:
-    """How many rows at the end hold at least ``held_out_pairs`` pairs (whole rows: a row is not split), leaving
-    at least one row to train on."""
-    if held_out_pairs <= 0:
-        return 0
-    from_end = np.cumsum(pairs_per_row[::-1])
-    return min(int(np.searchsorted(from_end, held_out_pairs)) + 1, len(pairs_per_row) - 1)
+def shared_prompt_rows(pairs: CachedPairs, kept: np.ndarray, Pos: Axis, max_pairs_per_row: int) -> PairRows:
+    dataset = SharedPromptPairDataset(pairs, kept, Pos, max_pairs_per_row)
+    real = _both_sides(pairs, kept) - int(pairs.column("prompt_length")[kept].sum())
+    return PairRows(dataset, np.array([len(r) for r in dataset.rows], dtype=np.int64), real)
+
+
+RowBuilder = Callable[[CachedPairs, np.ndarray], PairRows]
+"""A pair layout's way of putting the pairs at some cache rows of a split in rows."""
 
 
 def num_validation_pairs(total: int, fraction: float) -> int:
@@ -132,6 +128,10 @@ class PreferenceSplits:
     stats: dict[str, PreferencePairStats]
     sources: dict[str, dict | None]
     """Per training component, the source files its cache was built from (``source_identity.json``)."""
+    train_rows: dict[str, PairRows]
+    """Per training component, its training rows (before the shuffle)."""
+    pairs_per_row: float
+    """Training pairs a row of the mixture holds on average (the components' means, by their first weights)."""
 
 
 def _check_format(config: PreferenceLmDataConfig, name: str, seq_len: int) -> PromptCompletionPreferenceFormat:
@@ -182,29 +182,30 @@ def build_preference_splits(
     train_caches = build_identified_caches(config, "train")
     stats: dict[str, PreferencePairStats] = {}
     train: dict[str, AsyncDataset] = {}
+    train_rows: dict[str, PairRows] = {}
     validation: dict[str, AsyncDataset] = {}
     mix_key, *component_keys = jrandom.split(key, len(names) + 1)
     shuffle_keys = dict(zip(names, component_keys))
     for name in names:
         pairs = _open(config, train_caches, name, "train", seq_len)
         stats[f"train/{name}"] = pairs.stats()
-        rows = rows_of(pairs)
+        kept = pairs.kept
         if validation_split_fraction is not None:
-            held_out = num_validation_pairs(int(rows.pairs_per_row.sum()), validation_split_fraction)
-            n = held_out_rows(rows.pairs_per_row, held_out)
-            if n:
-                everything = np.arange(len(rows.pairs_per_row))
-                validation[name] = rows.subset(everything[-n:]).dataset
-                held = int(rows.pairs_per_row[-n:].sum())
-                rows = rows.subset(everything[:-n])
-                logger.info(f"Holding out the last {held} of the {stats[f'train/{name}'].pairs} {name} pairs for validation.")
+            held = num_validation_pairs(len(kept), validation_split_fraction)
+            if held:
+                # the last pairs, whatever the layout: every layout evaluates the same pairs
+                validation[name] = rows_of(pairs, kept[-held:]).dataset
+                kept = kept[:-held]
+                logger.info(f"Holding out the last {held} of the {len(kept) + held} {name} pairs for validation.")
+        rows = rows_of(pairs, kept)
+        train_rows[name] = rows
         train[name] = _shuffled(rows.dataset, config, shuffle_keys[name])
 
     if validation_split_fraction is None:
         for name, cache in build_identified_caches(config, "validation").items():
             pairs = _open(config, {name: cache}, name, "validation", seq_len)
             stats[f"validation/{name}"] = pairs.stats()
-            validation[name] = rows_of(pairs).dataset
+            validation[name] = rows_of(pairs, pairs.kept).dataset
 
     mixture = MixtureDataset(
         datasets=train,
@@ -214,4 +215,14 @@ def build_preference_splits(
         stop_strategy=config.stop_strategy,
     )
     sources = {name: recorded_identity(train_caches[name]) for name in names}
-    return PreferenceSplits(train=cast(AsyncDataset, mixture), validation=validation, stats=stats, sources=sources)
+    first = weights if isinstance(weights, dict) else weights[0][1]
+    share = {name: first.get(name, 0.0) for name in names}
+    pairs_per_row = sum(share[n] * float(train_rows[n].pairs_per_row.mean()) for n in names) / sum(share.values())
+    return PreferenceSplits(
+        train=cast(AsyncDataset, mixture),
+        validation=validation,
+        stats=stats,
+        sources=sources,
+        train_rows=train_rows,
+        pairs_per_row=pairs_per_row,
+    )

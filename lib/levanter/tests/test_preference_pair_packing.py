@@ -1,0 +1,95 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""Which pairs share a row (first-fit decreasing), which layout ``auto`` takes, and how a batch of pairs becomes
+rows. The layouts' losses and gradients are compared in ``test_simpo_layouts.py``."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from levanter.data.text.preference_pair_packing import PACKING_WINDOW, first_fit_decreasing
+from levanter.main.simpo_layouts import resolve_pair_layout, rows_per_step, trainer_in_rows
+from levanter.schedule import ScheduleStep
+from levanter.trainer import TrainerConfig
+
+SEQ = 2048
+
+
+def ultrafeedback_like_lengths(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token counts with UltraFeedback-like log-normal lengths (means 170 / 330 / 280, long tails), keeping pairs
+    whose prompt and both completions fit one row, as the benchmark's pairs do."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for part, mean, sigma in (("prompt", 170, 0.9), ("chosen", 330, 0.7), ("rejected", 280, 0.75)):
+        parts[part] = np.maximum(1, rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, 2 * n).astype(np.int64))
+    prompt = parts["prompt"] + 1  # BOS
+    chosen, rejected = prompt + parts["chosen"] + 1, prompt + parts["rejected"] + 1  # EOS
+    fits = chosen + rejected - prompt <= SEQ
+    return {"prompt": prompt[fits][:n], "chosen": chosen[fits][:n], "rejected": rejected[fits][:n]}
+
+
+def _check_plan(groups: list[np.ndarray], sizes: np.ndarray, capacity: int, max_items: int, window: int) -> None:
+    sizes = sizes.reshape(len(sizes), -1)
+    everything = np.concatenate(groups)
+    assert np.array_equal(np.sort(everything), np.arange(len(sizes)))  # every item exactly once
+    for g in groups:
+        assert 1 <= len(g) <= max_items
+        assert np.all(sizes[g].sum(axis=0) <= capacity)
+        assert np.all(np.diff(g) > 0)  # in their original order
+        assert g[0] // window == g[-1] // window  # within one window of consecutive items
+
+
+def test_first_fit_decreasing_fills_rows_to_ninety_percent_at_2048():
+    lengths = ultrafeedback_like_lengths(4000)
+    both_sides = np.stack([lengths["chosen"], lengths["rejected"]], axis=1)
+    packed = first_fit_decreasing(both_sides, SEQ, 8)
+    _check_plan(packed, both_sides, SEQ, 8, PACKING_WINDOW)
+    packed_fill = both_sides.sum() / (2 * SEQ * len(packed))
+
+    shared_lengths = lengths["chosen"] + lengths["rejected"] - lengths["prompt"]
+    shared = first_fit_decreasing(shared_lengths, SEQ, 8)
+    _check_plan(shared, shared_lengths, SEQ, 8, PACKING_WINDOW)
+    shared_fill = shared_lengths.sum() / (SEQ * len(shared))
+    assert packed_fill >= 0.90 and shared_fill >= 0.90, (packed_fill, shared_fill)
+
+    # Levanter's greedy prepacking of consecutive pairs on the same lengths, for comparison: the check can fail
+    rows, room = 1, np.array([SEQ, SEQ])
+    for sides in both_sides:
+        if np.any(sides > room):
+            rows, room = rows + 1, np.array([SEQ, SEQ])
+        room -= sides
+    assert both_sides.sum() / (2 * SEQ * rows) < 0.85
+
+
+def test_first_fit_decreasing_is_deterministic_and_respects_its_limits():
+    sizes = np.array([5, 9, 3, 7, 1, 1, 10, 2])
+    first = first_fit_decreasing(sizes, 10, 3, window=4)
+    assert [g.tolist() for g in first] == [g.tolist() for g in first_fit_decreasing(sizes, 10, 3, window=4)]
+    _check_plan(first, sizes, 10, 3, 4)
+    # the longest first: 9 and 7 open rows, 5 cannot join either, 3 joins 7
+    assert [g.tolist() for g in first[:3]] == [[1], [2, 3], [0]]
+    with pytest.raises(ValueError, match="item 1 is longer than 8"):
+        first_fit_decreasing(np.array([[3, 3], [2, 9]]), 8, 4)
+
+
+def test_auto_takes_the_fastest_exact_layout_for_the_platform():
+    assert resolve_pair_layout("auto", 2048, [2048], "tpu")[0] == "packed"
+    assert resolve_pair_layout("auto", 4096, [2048], "gpu")[0] == "packed"
+    layout, reason = resolve_pair_layout("auto", 4096, [2048, 1024], "cpu")
+    assert layout == "shared_prompt" and "prompt runs once" in reason
+    layout, reason = resolve_pair_layout("auto", 2048, [2048], "cpu")
+    assert layout == "packed" and "twice the data's max_length (2048)" in reason
+    assert resolve_pair_layout("auto", 4096, [None], "cpu")[0] == "packed"
+    assert resolve_pair_layout("padded", 4096, [64], "cpu") == ("padded", "as configured")
+
+
+def test_a_batch_of_pairs_becomes_the_rows_that_hold_them():
+    assert rows_per_step(128, 4.2, 1) == 30
+    assert rows_per_step(128, 4.2, 8) == 32  # a multiple of the data-parallel width
+    assert rows_per_step(4, 9.0, 1) == 1
+    trainer = trainer_in_rows(TrainerConfig(train_batch_size=128), 4.2)
+    assert trainer.train_batch_size == 30 and trainer.per_device_parallelism == 30 // trainer.data_axis_size
+    staged = TrainerConfig(train_batch_size=[ScheduleStep(0, 64), ScheduleStep(100, 128)])
+    rows = trainer_in_rows(staged, 4.0).train_batch_size
+    assert [dataclasses.astuple(p) for p in rows] == [(0, 16), (100, 32)]
