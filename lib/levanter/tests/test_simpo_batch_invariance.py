@@ -96,7 +96,7 @@ def _rows(pairs: DpoExample, start: int, stop: int) -> DpoExample:
     return jax.tree.map(lambda x: x[Batch.name, start:stop], pairs, is_leaf=lambda x: isinstance(x, hax.NamedArray))
 
 
-@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+@pytest.mark.parametrize("layout", ["auto", "packed", "shared_prompt"])
 def test_rows_of_several_pairs_refuse_microbatches(layout):
     # microbatches of such rows hold different numbers of pairs, and Levanter averages their losses equally
     from levanter.main.train_simpo import TrainSimpoConfig, validate_config
@@ -106,4 +106,6 @@ def test_rows_of_several_pairs_refuse_microbatches(layout):
     with pytest.raises(ValueError, match=f"pair_layout {layout} holds a varying number of pairs a row"):
         validate_config(split)
     validate_config(TrainSimpoConfig(pair_layout=layout, trainer=TrainerConfig(train_batch_size=8)))
-    validate_config(TrainSimpoConfig(trainer=TrainerConfig(train_batch_size=8, per_device_parallelism=4)))
+    validate_config(
+        TrainSimpoConfig(pair_layout="padded", trainer=TrainerConfig(train_batch_size=8, per_device_parallelism=4))
+    )

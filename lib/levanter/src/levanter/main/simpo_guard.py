@@ -1,12 +1,12 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
-"""Stops a SimPO run at the first non-finite loss or gradient and says which step and which pairs caused it.
+"""Stops a SimPO run at the first non-finite loss or gradient and says which step and which rows caused it.
 
 Levanter's trainer already stops on a NaN or infinite loss (``crash_on_nan`` / ``crash_on_inf``) but says only
 "Loss is NaN", and a non-finite gradient under a finite loss goes unnoticed until the parameters it produced make
 a later step's loss NaN, which then blames the wrong batch. ``NonFiniteGuard`` checks the gradients inside the
 compiled step (one ``isfinite`` reduction, no host transfer beyond a boolean) and names the step and the
-positions of its pairs in the training stream, which the data loader reproduces for the same data seed.
+positions of its rows in the training stream (a row holds one pair, or several in packed layouts), which the data loader reproduces for the same data seed.
 
 A batch is blamed only when the parameters it met were sane: the guard also tracks, in the same compiled step,
 whether the updated parameters are finite and their largest magnitude, and when those were already non-finite or
@@ -41,10 +41,10 @@ healthy training moves it by a small factor."""
 class NonFiniteTrainingError(RuntimeError):
     """A training step produced a non-finite loss or gradient."""
 
-    def __init__(self, message: str, *, step: int, pairs: range):
+    def __init__(self, message: str, *, step: int, rows: range):
         super().__init__(message)
         self.step = step
-        self.pairs = pairs
+        self.rows = rows
 
 
 def _float_leaves(tree) -> list[jnp.ndarray]:
@@ -88,7 +88,7 @@ class NonFiniteGuard(JitCallback):
             self._step = step
             yield batch
 
-    def pairs_of_step(self, step: int) -> range:
+    def rows_of_step(self, step: int) -> range:
         start = self._schedule.global_data_offset_by_step(step)
         return range(start, start + self._schedule.batch_size_at_step(step))
 
@@ -110,22 +110,22 @@ class NonFiniteGuard(JitCallback):
 
     def report(self, what: str, step: int) -> NonFiniteTrainingError:
         """Logs and returns the error to raise for ``step``."""
-        pairs = self.pairs_of_step(step)
+        rows = self.rows_of_step(step)
         parameters_to_blame, parameters = self._parameter_report(step)
         if parameters_to_blame:
             message = (
-                f"SimPO training step {step}: {what}, and {parameters}: the parameters, not this step's batch (pairs "
-                f"{pairs.start}..{pairs.stop - 1}), are the cause. The run diverged before this step (lower the "
+                f"SimPO training step {step}: {what}, and {parameters}: the parameters, not this step's batch (rows "
+                f"{rows.start}..{rows.stop - 1}), are the cause. The run diverged before this step (lower the "
                 "learning rate), or the checkpoint it resumed from holds such parameters."
             )
         else:
             message = (
-                f"SimPO training step {step}: {what}{parameters}. The batch is pairs {pairs.start}..{pairs.stop - 1} "
-                "of the training stream, in the order the data loader reads them (the same for the same data seed and "
-                "batch schedule)."
+                f"SimPO training step {step}: {what}{parameters}. The batch is rows {rows.start}..{rows.stop - 1} "
+                "of the training stream (a row holds one pair, or several with a packed pair_layout), in the order the "
+                "data loader reads them (the same for the same data seed and batch schedule)."
             )
         logger.error(message)
-        return NonFiniteTrainingError(message, step=step, pairs=pairs)
+        return NonFiniteTrainingError(message, step=step, rows=rows)
 
     def inside_step(self, state, inside_info: InsideJitInfo):
         updated = eqx.apply_updates(state.trainable_model, inside_info.updates)
@@ -146,7 +146,7 @@ class NonFiniteGuard(JitCallback):
 
     @contextlib.contextmanager
     def reporting(self):
-        """Re-raises Levanter's non-finite loss errors with the step and its pairs."""
+        """Re-raises Levanter's non-finite loss errors with the step and its rows."""
         try:
             yield
         except RuntimeError as e:
