@@ -11,8 +11,9 @@ Every step goes through ``Trainer.train_step`` with the real loss functions: ``t
 ``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
 frozen reference (as ``train_dpo`` builds it). Variants are timed interleaved, in rotating order, and the table
 reports medians, so a shared machine's load hits them alike. The default-path section times the layout
-``pair_layout: auto`` resolves to against Levanter's DPO and LM steps on the same positions per step. Peak memory is the peak RSS (CPU) or peak device
-memory (GPU) of a fresh subprocess per variant. This is a benchmark: it asserts nothing about speed.
+``pair_layout: auto`` resolves to against Levanter's DPO and LM steps on the same positions per step. Peak
+memory is the peak RSS (CPU) or peak device memory (GPU) of a fresh subprocess per variant. This is a benchmark:
+it asserts nothing about speed.
 """
 
 import argparse
@@ -476,7 +477,7 @@ def default_path_section(size: str, quick: bool, repeats: int) -> None:
           "| target | pairs/s vs DPO | target | XLA GFLOP/pair |")
     print("|" + "---|" * 11)
     measured = {}
-    for name, (label, _, _, rows, n, per_row) in variants.items():
+    for name, (_, _, _, rows, n, per_row) in variants.items():
         pairs_step = rows.pairs_per_row.mean() * n
         real_step = rows.real_tokens / len(rows.pairs_per_row) * n
         fill = rows.real_tokens / (len(rows.pairs_per_row) * per_row * lay_len)
