@@ -5,12 +5,15 @@
     uv run python lib/levanter/bench/bench_simpo.py            # full table (CPU: ~40 min on a busy 2-core box)
     uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model, short rows (~7 min)
     uv run python lib/levanter/bench/bench_simpo.py --quick --data-only  # data sections only (~6 min, 1 GB disk)
+    uv run python lib/levanter/bench/bench_simpo.py --quick --skip-data  # all but the data sections
 
 Every step goes through ``Trainer.train_step`` with the real loss functions: ``train_simpo.simpo_loss``, the
 ``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
 frozen reference (as ``train_dpo`` builds it). Variants are timed interleaved, in rotating order, and the table
-reports medians, so a shared machine's load hits them alike. Peak memory is the peak RSS (CPU) or peak device
-memory (GPU) of a fresh subprocess per variant. This is a benchmark: it asserts nothing about speed.
+reports medians, so a shared machine's load hits them alike. The default-path section times the layout
+``pair_layout: auto`` resolves to against Levanter's DPO and LM steps on the same positions per step. Peak
+memory is the peak RSS (CPU) or peak device memory (GPU) of a fresh subprocess per variant. This is a benchmark:
+it asserts nothing about speed.
 """
 
 import argparse
@@ -40,11 +43,12 @@ from haliax import Axis  # noqa: E402
 import bench_data  # noqa: E402
 from levanter.callbacks.watch import WatchConfig  # noqa: E402
 from levanter.checkpoint import CheckpointerConfig  # noqa: E402
+from levanter.data.packing import pack_documents  # noqa: E402
 from levanter.data.text.preference import DpoExample  # noqa: E402
 from levanter.data.text.preference_cache import CachedPairs  # noqa: E402
 from levanter.data.text.preference_pair_build import PAIR_INFO, cache_exemplar  # noqa: E402
 from levanter.dpo import DpoModel, dpo_loss  # noqa: E402
-from levanter.main.simpo_layouts import PairLayout, pair_layout  # noqa: E402
+from levanter.main.simpo_layouts import PairLayout, pair_layout, resolve_pair_layout  # noqa: E402
 from levanter.main.train_simpo import simpo_loss  # noqa: E402
 from levanter.models.llama import LlamaConfig  # noqa: E402
 from levanter.models.lm_model import LmExample  # noqa: E402
@@ -329,6 +333,7 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--first-step", metavar="CACHE_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--data-only", action="store_true", help="only the data sections: tokenization and start-up")
+    parser.add_argument("--skip-data", action="store_true", help="skip the data sections (bench_data.py)")
     parser.add_argument("--startup-pairs", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--token-rows", type=int, default=1024, help="rows per tokenization measurement")
     args = parser.parse_args()
@@ -349,7 +354,8 @@ def main() -> None:
     print(f"# SimPO benchmark  {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"device: {device.platform} ({device.device_kind}), {jax.local_device_count()} device(s), {os.cpu_count()} CPUs")
     print(f"jax {jax.__version__}, load average at start {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f}")
-    data_sections(args, seq_len, pairs)
+    if not args.skip_data:
+        data_sections(args, seq_len, pairs)
     if args.data_only:
         return
     print(f"seq_len {seq_len}, {pairs} pairs = {2 * pairs} sequences per step, fp32, vocab {VOCAB.size}, "
@@ -386,62 +392,117 @@ def main() -> None:
         print(f"| {size} | {f['lm'] / 1e9:.2f} | {f['simpo'] / 1e9:.2f} | {f['dpo'] / 1e9:.2f} "
               f"| {f['simpo'] / f['lm']:.3f} | {f['dpo'] / f['simpo']:.3f} |", flush=True)
 
-    print("\n## Real tokens on UltraFeedback-like lengths (Levanter's stack vs packed pairs vs shared prompt)\n")
-    full_len, n_pairs = (512, 200) if args.quick else (2048, 2000)
-    rows = ultrafeedback_like(n_pairs, full_len, scale=1.0)
-    pairs_cache = write_cache(rows)
-    Pos = Axis("position", full_len)
-    prompt_mean = np.mean([np.argmax(r["chosen_assistant_masks"]) for r in rows])
-    print(f"{n_pairs} synthetic pairs at seq_len {full_len}: mean prompt {prompt_mean:.0f}, chosen "
-          f"{np.mean([r['chosen_assistant_masks'].sum() for r in rows]):.0f}, rejected "
-          f"{np.mean([r['rejected_assistant_masks'].sum() for r in rows]):.0f} tokens\n")
-    print("| layout | rows of seq_len | real-token fraction | padding fraction |")
-    print("|---|---|---|---|")
-    lengths = {c: pairs_cache.column(c) for c in ("prompt_length", "chosen_length", "rejected_length")}
-    both_sides = int(lengths["chosen_length"].sum() + lengths["rejected_length"].sum())
-    for name, k in (("padded", 1), ("packed", 8), ("shared_prompt", 8)):
-        layout = pair_layout(name, k)
-        n_rows = len(layout.rows(pairs_cache, Pos).pairs_per_row) * layout.sequences_per_row
-        real = both_sides - (int(lengths["prompt_length"].sum()) if name == "shared_prompt" else 0)
-        fraction = real / (n_rows * Pos.size)
-        label = {"padded": "Levanter (each side padded)", "packed": f"packed, <= {k} pairs/row",
-                 "shared_prompt": f"shared prompt + packed, <= {k} pairs/row"}[name]
-        print(f"| {label} | {n_rows} | {fraction:.3f} | {1 - fraction:.3f} |", flush=True)
-
-    print("\n## Pairs/s by layout on UltraFeedback-like lengths (same rows x seq_len per step)\n")
-    size = sizes[-1] if args.quick else "small"
-    lay_len, lay_rows = (128, 4) if args.quick else (512, 4)
-    scale = lay_len / 2048
-    small_rows = ultrafeedback_like(400, lay_len, scale=scale, seed=1)
-    small_cache = write_cache(small_rows)
-    LPos = Axis("position", lay_len)
-    k = 8
-    datasets = {
-        "padded": (pair_layout("padded", 1), lay_rows),
-        "packed": (pair_layout("packed", k), lay_rows),
-        # one shared row holds both sides, so it gets twice the rows: the same positions per step
-        "shared": (pair_layout("shared_prompt", k), 2 * lay_rows),
-    }
-    steppers, counts, flops = {}, {}, {}
-    for name, (layout, n) in datasets.items():
-        rows_of = layout.rows(small_cache, LPos)
-        batch = stacked(rows_of.dataset.as_sync_dataset().get_batch(list(range(n))))
-        counts[name] = int(rows_of.pairs_per_row[:n].sum())
-        loss = simpo_fn(layout)
-        steppers[name] = Stepper("simpo", size, lay_len, batch, n, loss=loss)
-        flops[name] = loss_grad_flops(steppers[name].state.model, lambda m, b, loss=loss: loss(m, b)[0], batch)
-    t = interleaved_medians(steppers, repeats)
-    print(f"model {size}, seq_len {lay_len}, lengths scaled by {scale:.2f}, {lay_rows * 2} sequences per step, "
-          f"load {os.getloadavg()[0]:.1f}\n")
-    print("| layout | pairs/step | step s | pairs/s | vs padded | XLA GFLOP/pair | vs padded (FLOPs) |")
-    print("|---|---|---|---|---|---|---|")
-    base = counts["padded"] / t["padded"]
-    base_flops = flops["padded"] / counts["padded"]
-    for layout in datasets:
-        rate, per_pair = counts[layout] / t[layout], flops[layout] / counts[layout]
-        print(f"| {layout} | {counts[layout]} | {t[layout]:.3f} | {rate:.2f} | {rate / base:.2f}x "
-              f"| {per_pair / 1e9:.2f} | {base_flops / per_pair:.2f}x |")
+    padding_section()
+    default_path_section(sizes[-1] if args.quick else "small", args.quick, repeats)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+def padding_section() -> None:
+    """Real-token fraction of the rows each layout builds from the same UltraFeedback-like pairs."""
+    full_len, n_pairs = 2048, 2000  # no model runs here: --quick takes the full size too
+    rows = ultrafeedback_like(n_pairs, full_len, scale=1.0)
+    cache = write_cache(rows)
+    Pos = Axis("position", full_len)
+    k = 8
+    print("\n## Real tokens on UltraFeedback-like lengths (Levanter's stack vs packed pairs vs shared prompt)\n")
+    print(f"{n_pairs} synthetic pairs at seq_len {full_len}: mean prompt {cache.column('prompt_length').mean():.0f}, "
+          f"chosen {cache.column('chosen_trained').mean():.0f}, rejected {cache.column('rejected_trained').mean():.0f} "
+          f"tokens; rows count sequences of seq_len\n")
+    print("| layout | rows | real-token fraction | padding fraction | target |")
+    print("|---|---|---|---|---|")
+    built = {name: pair_layout(name, n).rows(cache, cache.kept, Pos)
+             for name, n in (("padded", 1), ("packed", k), ("shared_prompt", k))}
+    # what the packed layout was before first-fit decreasing: Levanter's greedy prepacking of consecutive pairs
+    greedy = pack_documents(
+        {"chosen": cache.column("chosen_length")[cache.kept], "rejected": cache.column("rejected_length")[cache.kept]},
+        full_len,
+        max_segments_per_example=k,
+    )
+    table = [
+        ("Levanter padded (each side padded)", 2 * len(built["padded"].pairs_per_row), built["padded"].real_tokens, ""),
+        (f"Levanter greedy prepacking of consecutive pairs, <= {k} pairs/row", 2 * len(greedy),
+         built["padded"].real_tokens, ""),
+        (f"packed (first-fit decreasing), <= {k} pairs/row", 2 * len(built["packed"].pairs_per_row),
+         built["packed"].real_tokens, "<= 10% padding"),
+        (f"shared_prompt (first-fit decreasing), <= {k} pairs/row", len(built["shared_prompt"].pairs_per_row),
+         built["shared_prompt"].real_tokens, "<= 10% padding"),
+    ]
+    for label, n_rows, real, target in table:
+        fraction = real / (n_rows * full_len)
+        print(f"| {label} | {n_rows} | {fraction:.3f} | {1 - fraction:.3f} | {target} |", flush=True)
+
+
+def default_path_section(size: str, quick: bool, repeats: int) -> None:
+    """pairs/s and real tokens per computed position of the SimPO default layout against Levanter's DPO step and
+    LM step on the same padded sequences, all with the same rows x seq_len per step."""
+    lay_len, lay_rows, k = (128, 4, 8) if quick else (512, 4, 8)
+    scale = lay_len / 2048  # UltraFeedback lengths scaled to the row, so rows fill as they would at 2048
+    cache = write_cache(ultrafeedback_like(2048, lay_len, scale=scale, seed=1))
+    Pos = Axis("position", lay_len)
+    # the 8B recipe's shape: rows as long as the data's max_length
+    default, reason = resolve_pair_layout("auto", lay_len, [lay_len], jax.default_backend())
+
+    def timed_batch(rows, n: int):
+        # step time depends only on the batch's shape; evenly spaced rows keep first-fit decreasing's fullest
+        # (first) rows from standing for all of them
+        picked = np.linspace(0, len(rows.pairs_per_row) - 1, n).round().astype(int).tolist()
+        return stacked(rows.dataset.as_sync_dataset().get_batch(picked))
+
+    padded = pair_layout("padded", 1).rows(cache, cache.kept, Pos)
+    padded_batch = timed_batch(padded, lay_rows)
+    # name: (label, Stepper variant, layout (SimPO only), rows, rows a step, sequences a row)
+    variants = {
+        "dpo": ("Levanter DPO step (padded, reference model)", "dpo", None, padded, lay_rows, 2),
+        "lm": ("Levanter LM step (the same padded sequences)", "lm", None, padded, lay_rows, 2),
+    }
+    for name, n in ((default, lay_rows), ("shared_prompt", 2 * lay_rows)):
+        layout = pair_layout(name, k)
+        label = f"SimPO default path: {name}" if name == default else f"SimPO {name} (not the default)"
+        variants[name] = (label, "simpo", layout, layout.rows(cache, cache.kept, Pos), n, layout.sequences_per_row)
+    steppers, flops = {}, {}
+    for name, (_, variant, layout, rows, n, _) in variants.items():
+        if layout is None:
+            steppers[name] = Stepper(variant, size, lay_len, padded_batch, n)
+        else:
+            steppers[name] = Stepper("simpo", size, lay_len, timed_batch(rows, n), n, loss=simpo_fn(layout))
+        flops[name] = step_flops(steppers[name], variant, layout)
+    t = interleaved_medians(steppers, repeats)
+
+    print("\n## Default path against Levanter DPO and the LM step (UltraFeedback-like pairs, same rows x seq_len "
+          "per step)\n")
+    print(f"model {size}, seq_len {lay_len}, {len(cache.kept)} pairs with lengths scaled by {scale:.3f}; the "
+          f"default: {default} ({reason}); pairs/step and real tokens are the mean over all of a layout's rows (the "
+          f"timed batch: evenly spaced rows), median of {repeats} interleaved steps, load {os.getloadavg()[0]:.1f}\n")
+    print("| variant | rows x seq | pairs/step | step s | pairs/s | real tokens/s | real tokens / position "
+          "| target | pairs/s vs DPO | target | XLA GFLOP/pair |")
+    print("|" + "---|" * 11)
+    measured = {}
+    for name, (_, _, _, rows, n, per_row) in variants.items():
+        pairs_step = rows.pairs_per_row.mean() * n
+        real_step = rows.real_tokens / len(rows.pairs_per_row) * n
+        fill = rows.real_tokens / (len(rows.pairs_per_row) * per_row * lay_len)
+        measured[name] = (pairs_step, real_step, fill)
+    base = measured["dpo"][0] / t["dpo"]
+    for name, (label, _, _, rows, n, per_row) in variants.items():
+        pairs_step, real_step, fill = measured[name]
+        target = ">= 0.9" if name == default else ""
+        ratio_target = ">= 3.5x" if name == default else ""
+        print(f"| {label} | {n * per_row} x {lay_len} | {pairs_step:.1f} | {t[name]:.3f} | {pairs_step / t[name]:.1f} "
+              f"| {real_step / t[name]:.0f} | {fill:.3f} | {target} | {pairs_step / t[name] / base:.2f}x "
+              f"| {ratio_target} | {flops[name] / pairs_step / 1e9:.3f} |", flush=True)
+
+
+def step_flops(stepper: Stepper, variant: str, layout: PairLayout | None) -> float:
+    """XLA's FLOPs for the loss and gradient of a stepper's batch (a load-independent check of its step time)."""
+    model, batch = stepper.state.model, stepper.batch
+    if variant == "dpo":
+        def loss(m, b):
+            return dpo_loss(m, inference_mode(b[0], True), b[1], beta=0.1)[0]
+
+        return loss_grad_flops(model.policy, loss, (model.reference, batch))
+    if variant == "lm":
+        return loss_grad_flops(model, lambda m, b: lm_loss(m, b).scalar(), batch)
+    return loss_grad_flops(model, lambda m, b: simpo_fn(layout)(m, b)[0], batch)
 
 
 def data_sections(args, seq_len: int, pairs: int) -> None:
