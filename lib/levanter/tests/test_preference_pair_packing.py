@@ -38,6 +38,8 @@ def _check_plan(groups: list[np.ndarray], sizes: np.ndarray, capacity: int, max_
         assert np.all(sizes[g].sum(axis=0) <= capacity)
         assert np.all(np.diff(g) > 0)  # in their original order
         assert g[0] // window == g[-1] // window  # within one window of consecutive items
+    firsts = [int(g[0]) for g in groups]
+    assert firsts == sorted(firsts)
 
 
 def test_first_fit_decreasing_fills_rows_to_ninety_percent_at_2048():
@@ -67,8 +69,8 @@ def test_first_fit_decreasing_is_deterministic_and_respects_its_limits():
     first = first_fit_decreasing(sizes, 10, 3, window=4)
     assert [g.tolist() for g in first] == [g.tolist() for g in first_fit_decreasing(sizes, 10, 3, window=4)]
     _check_plan(first, sizes, 10, 3, 4)
-    # the longest first: 9 and 7 open rows, 5 cannot join either, 3 joins 7
-    assert [g.tolist() for g in first[:3]] == [[1], [2, 3], [0]]
+    # the longest first: 9 and 7 open rows, 5 cannot join either, 3 joins 7; rows in the order of their first item
+    assert [g.tolist() for g in first[:3]] == [[0], [1], [2, 3]]
     with pytest.raises(ValueError, match="item 1 is longer than 8"):
         first_fit_decreasing(np.array([[3, 3], [2, 9]]), 8, 4)
 
@@ -88,8 +90,12 @@ def test_a_batch_of_pairs_becomes_the_rows_that_hold_them():
     assert rows_per_step(128, 4.2, 1) == 30
     assert rows_per_step(128, 4.2, 8) == 32  # a multiple of the data-parallel width
     assert rows_per_step(4, 9.0, 1) == 1
-    trainer = trainer_in_rows(TrainerConfig(train_batch_size=128), 4.2)
+    trainer = trainer_in_rows(TrainerConfig(train_batch_size=128), 4.2, eval_parallelism_set=False)
     assert trainer.train_batch_size == 30 and trainer.per_device_parallelism == 30 // trainer.data_axis_size
+    assert trainer.per_device_eval_parallelism == trainer.per_device_parallelism  # rows, as in training
+    chosen = TrainerConfig(train_batch_size=128, per_device_eval_parallelism=7)
+    assert trainer_in_rows(chosen, 4.2, eval_parallelism_set=True).per_device_eval_parallelism == 7
     staged = TrainerConfig(train_batch_size=[ScheduleStep(0, 64), ScheduleStep(100, 128)])
-    rows = trainer_in_rows(staged, 4.0).train_batch_size
-    assert [dataclasses.astuple(p) for p in rows] == [(0, 16), (100, 32)]
+    staged_rows = trainer_in_rows(staged, 4.0, eval_parallelism_set=False)
+    assert [dataclasses.astuple(p) for p in staged_rows.train_batch_size] == [(0, 16), (100, 32)]
+    assert staged_rows.per_device_parallelism == -1

@@ -272,19 +272,26 @@ def rows_per_step(pairs_per_step: int, pairs_per_row: float, multiple_of: int) -
     return max(multiple_of, round(rows / multiple_of) * multiple_of)
 
 
-def trainer_in_rows(trainer: TrainerConfig, pairs_per_row: float) -> TrainerConfig:
+def trainer_in_rows(trainer: TrainerConfig, pairs_per_row: float, *, eval_parallelism_set: bool) -> TrainerConfig:
     """The trainer config with its batch sizes in rows of a layout holding ``pairs_per_row`` pairs on average.
 
-    Packed layouts refuse microbatches (``validate_config``): a step's rows all run at once."""
+    Packed layouts refuse microbatches (``validate_config``): a step's rows all run at once. Evaluation takes as
+    many rows a device as training, unless the config set ``per_device_eval_parallelism``: Levanter derived it
+    from the batch of pairs, which would be several times more rows."""
     width = trainer.data_axis_size
     batch = trainer.train_batch_size
     if isinstance(batch, int):
         rows: int | list = rows_per_step(batch, pairs_per_row, width)
         per_device = rows // width
+        largest = rows
     else:
         rows = [dataclasses.replace(p, value=rows_per_step(p.value, pairs_per_row, width)) for p in batch]
         per_device = -1
-    return dataclasses.replace(trainer, train_batch_size=rows, per_device_parallelism=per_device)
+        largest = max(p.value for p in rows)
+    eval_per_device = trainer.per_device_eval_parallelism if eval_parallelism_set else largest // width
+    return dataclasses.replace(
+        trainer, train_batch_size=rows, per_device_parallelism=per_device, per_device_eval_parallelism=eval_per_device
+    )
 
 
 def layout_note(name: str, reason: str, rows: PairRows, sequences_per_row: int, seq_len: int) -> str:

@@ -301,6 +301,8 @@ def main(config: TrainSimpoConfig):
     if model_context.model is not config.model:
         config = dataclasses.replace(config, model=model_context.model)
 
+    # before Levanter derives it from the batch of pairs: packed layouts count evaluation rows, not pairs
+    eval_parallelism_set = config.trainer.per_device_eval_parallelism != -1
     levanter.trainer.initialize(config)
     # every step's metrics to the run directory and a loss/accuracy progress line, whatever the trackers
     run_dir = simpo_plot.record_run(config.trainer)
@@ -355,7 +357,9 @@ def main(config: TrainSimpoConfig):
             logger.info(f"{name}: " + layout_note(layout.name, layout_reason, rows, layout.sequences_per_row, Pos.size))
         trainer_config = config.trainer
         if layout.name != "padded":
-            trainer_config = trainer_in_rows(config.trainer, splits.pairs_per_row)
+            trainer_config = trainer_in_rows(
+                config.trainer, splits.pairs_per_row, eval_parallelism_set=eval_parallelism_set
+            )
             logger.info(
                 f"trainer.train_batch_size {config.trainer.train_batch_size} pairs: {trainer_config.train_batch_size} "
                 f"rows of {splits.pairs_per_row:.2f} pairs on average a step"

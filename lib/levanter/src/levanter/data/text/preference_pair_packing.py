@@ -35,7 +35,7 @@ def first_fit_decreasing(
 
     ``lengths`` is ``(n,)``, or ``(n, d)`` for items that fill ``d`` rows at once (each dimension must fit).
     Within each window of ``window`` consecutive items, the longest item goes first into the first group with
-    room; each group lists its items in their original order.
+    room; each group lists its items in their original order, and the groups come in the order of their first item.
     """
     sizes = np.asarray(lengths, dtype=np.int64).reshape(len(lengths), -1)
     if np.any(sizes > capacity):
@@ -57,7 +57,9 @@ def first_fit_decreasing(
             room[g] -= sizes[i]
             count[g] += 1
             members[g].append(int(i))
-        groups.extend(np.sort(np.array(m, dtype=np.int64)) for m in members)
+        # rows in the order of their first pair, not of their longest: a windowed shuffle of rows made longest
+        # first would put rows of alike lengths in the same batches
+        groups.extend(sorted((np.sort(np.array(m, dtype=np.int64)) for m in members), key=lambda g: int(g[0])))
     return groups
 
 
