@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 import levanter.checkpoint
-from levanter.main import train_simpo
+from levanter.main import simpo_layouts, train_simpo
 from levanter.main.train_simpo import TrainSimpoConfig
 
 REPO = Path(__file__).resolve().parents[3]
@@ -76,7 +76,8 @@ class TrackedMetrics(logging.Handler):
 
 def run(config: TrainSimpoConfig, tracked: TrackedMetrics | None = None) -> TrackedMetrics:
     tracked = tracked if tracked is not None else TrackedMetrics()
-    loggers = [logging.getLogger("levanter.json_logger"), logging.getLogger(train_simpo.__name__)]
+    names = ("levanter.json_logger", train_simpo.__name__, simpo_layouts.__name__)
+    loggers = [logging.getLogger(name) for name in names]
     for log in loggers:
         log.addHandler(tracked)
     try:
@@ -160,12 +161,12 @@ MESHES = {
 }
 
 
-def final_model(tmp: Path, run_id: str):
-    """The model parameters of the last checkpoint of a run of STEPS steps, on this process's first device."""
+def final_model(tmp: Path, run_id: str, steps: int = STEPS):
+    """The model parameters of the last checkpoint of a run of ``steps`` steps, on this process's first device."""
     with contextlib.chdir(REPO):
         config = tiny_config(tmp)
         Vocab = hax.Axis("vocab", len(config.data.the_tokenizer))
     exemplar = eqx.filter_eval_shape(config.model.build, Vocab, key=jrandom.PRNGKey(0))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    path = tmp / "checkpoints" / run_id / f"step-{STEPS - 1}"
+    path = tmp / "checkpoints" / run_id / f"step-{steps - 1}"
     return levanter.checkpoint.load_checkpoint(exemplar, path, subpath="model", axis_mapping={}, mesh=mesh)

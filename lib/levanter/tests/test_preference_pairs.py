@@ -18,15 +18,15 @@ from levanter.data.text.preference import PreferenceChatLmDatasetFormat, Prefere
 from levanter.data.text.preference_cache_identity import cache_contents
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.text.preference_rows import PreferenceRowError
-from levanter.data.text.preference_splits import build_preference_splits, padded_pair_rows
+from levanter.data.text.preference_splits import build_preference_splits, packed_pair_rows, padded_pair_rows
 
 Pos = Axis("position", 48)
 
 
-def _splits(config, *, validation_split_fraction):
+def _splits(config, *, validation_split_fraction, rows_of=lambda pairs, kept: padded_pair_rows(pairs, kept, Pos)):
     return build_preference_splits(
         config,
-        lambda pairs, kept: padded_pair_rows(pairs, kept, Pos),
+        rows_of,
         seq_len=Pos.size,
         key=jrandom.PRNGKey(0),
         validation_split_fraction=validation_split_fraction,
@@ -175,12 +175,14 @@ def test_an_unfinished_cache_is_built_again_not_reused(tmp_path):
     assert ledger["is_finished"] and ledger["total_num_rows"] == 2
 
 
-def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path, layout):
     tokenizer_dir = tmp_path / "tokenizer"
     llama3_style_tokenizer(tokenizer_dir)
     components = {}
-    for name, colour in (("reds", "red"), ("blues", "blue")):
-        rows = [preference_row(f"say {colour} {i} .", f"{colour} .", "no .", prompt_id=f"{name}{i}") for i in range(40)]
+    # blue answers are longer: packed, a row holds fewer blue pairs than red ones
+    for name, colour, answer in (("reds", "red", "red ."), ("blues", "blue", "blue " * 8 + ".")):
+        rows = [preference_row(f"say {colour} {i} .", answer, "no .", prompt_id=f"{name}{i}") for i in range(40)]
         data = tmp_path / f"{name}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         source = UrlDatasetSourceConfig(train_urls=[str(data)])
@@ -191,15 +193,22 @@ def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path):
         components=components,
         train_weights={"reds": 0.75, "blues": 0.25},
     )
-    splits = _splits(config, validation_split_fraction=0.1)
+    packed = lambda pairs, kept: packed_pair_rows(pairs, kept, Pos, 8)  # noqa: E731
+    splits = _splits(config, validation_split_fraction=0.1, **({"rows_of": packed} if layout == "packed" else {}))
 
     # statistics and held-out pairs per component
     assert splits.stats["train/reds"].pairs == splits.stats["train/blues"].pairs == 40
     assert set(splits.validation) == {"reds", "blues"}
+    if layout == "packed":
+        per_row = {name: rows.pairs_per_row.mean() for name, rows in splits.train_rows.items()}
+        assert per_row["reds"] > 1.5 * per_row["blues"]  # so drawing rows by weight would not draw pairs by weight
     red = config.the_tokenizer.convert_tokens_to_ids("red")
     drawn = splits.train.as_sync_dataset().get_batch(range(800))
-    reds = sum(int(red in np.asarray(pair.chosen.tokens.array)) for pair in drawn)
-    assert reds / len(drawn) == pytest.approx(0.75, abs=0.05)
+    # a row's pairs all come from one component; its segments are its pairs
+    segments = [np.asarray(row.chosen.attn_mask.segment_ids[0].array) for row in drawn]
+    pairs = [np.unique(s[s >= 0]).size for s in segments]
+    reds = sum(n for n, row in zip(pairs, drawn) if red in np.asarray(row.chosen.tokens.array))
+    assert reds / sum(pairs) == pytest.approx(0.75, abs=0.05)
 
 
 def test_a_cache_damaged_after_it_was_built_is_built_again(tmp_path):

@@ -1,7 +1,7 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
 """Extreme logits stay finite in f32 and bf16 compute, and a non-finite loss or gradient stops training with the
-step and the pairs that caused it."""
+step and the rows of the batch that caused it."""
 
 import functools
 import re

@@ -21,43 +21,45 @@ from levanter.main.train_simpo import simpo_loss
 def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
     # every held-out pair, in eval batches of 32: the last of the 8 batches holds 26
     evaluation = ("--trainer.max_eval_batches", "null", "--trainer.per_device_eval_parallelism", "32")
-    overrides = ("--trainer.id", "e2e", "--hf_save_steps", "8", *evaluation)
-    config = tiny_config(tmp_path, "--trainer.num_train_steps", "8", *overrides)
+    # 40 steps of the default's 32 pairs: in fewer, the held-out loss can still be rising from its start
+    schedule = ("--trainer.train_batch_size", "32", "--trainer.steps_per_eval", "20")
+    keep = ("--trainer.checkpointer.keep", '[{"every": 20}]')
+    overrides = ("--trainer.id", "e2e", "--hf_save_steps", "40", *schedule, *keep, *evaluation)
+    config = tiny_config(tmp_path, "--trainer.num_train_steps", "40", *overrides)
     first_run = run(config)
     first = first_run.by_step
     # the default layout: on the CPU, rows of 64 positions cannot hold a pair's prompt and both completions, so
-    # pairs are packed; the batch of 8 pairs becomes the rows that hold 8 pairs on average
+    # pairs are packed; the batch of 32 pairs becomes the rows that hold 32 pairs on average
     assert any(m.startswith("tiny_simpo: pair_layout packed (auto on cpu: ") for m in first_run.messages)
-    assert any(m.startswith("trainer.train_batch_size 8 pairs: 4 rows") for m in first_run.messages)
+    assert any(m.startswith("trainer.train_batch_size 32 pairs (from step 0): 17 rows") for m in first_run.messages)
 
     train_steps = sorted(s for s, m in first.items() if "train/loss" in m)
-    assert train_steps == list(range(8))
+    assert train_steps == list(range(40))
     # a fresh model gives both sides the same average log-prob: logits = -gamma_beta_ratio, loss softplus(beta*0.5)
     untrained = math.log1p(math.exp(2.0 * 0.5))
     assert first[0]["train/loss"] == pytest.approx(untrained, abs=0.01)
     # the held-out loss falls from evaluation to evaluation (same pairs each time)
-    assert untrained > first[3]["eval/simpo_loss"] > first[7]["eval/simpo_loss"]
-    # eight steps of eight pairs: the margin has only begun to open
-    assert first[7]["eval/rewards/margins"] > first[3]["eval/rewards/margins"] > 0
-    assert first[7]["eval/simpo_skipped_pairs"] == 0
+    assert untrained > first[19]["eval/simpo_loss"] > first[39]["eval/simpo_loss"]
+    assert first[39]["eval/rewards/accuracies"] > 0.65 and first[39]["eval/rewards/margins"] > 0
+    assert first[39]["eval/simpo_skipped_pairs"] == 0
     # the held-out loss is the exact mean over the 250 pairs, which Levanter's mean of per-batch means is not
-    exact, mean_of_batch_means = _held_out_losses(config, final_model(tmp_path, "e2e"))
-    assert first[7]["eval/loss"] == pytest.approx(exact, rel=1e-5)
+    exact, mean_of_batch_means = _held_out_losses(config, final_model(tmp_path, "e2e", steps=40))
+    assert first[39]["eval/loss"] == pytest.approx(exact, rel=1e-5)
     assert abs(mean_of_batch_means - exact) > 1e-4 * exact  # so the check above can fail
 
     checkpoints = tmp_path / "checkpoints" / "e2e"
-    assert (checkpoints / "step-4").is_dir() and (checkpoints / "step-7").is_dir()
+    assert (checkpoints / "step-20").is_dir() and (checkpoints / "step-39").is_dir()
     # the data statistics go beside the run's checkpoints, never into the cache another run may share
     stats = json.loads((checkpoints / "pair_stats.json").read_text())
     assert stats["train/tiny_simpo"]["pairs"] == 2500 and stats["validation/tiny_simpo"]["pairs"] == 250
     assert not list((tmp_path / "cache").rglob("pair_stats.json"))
-    export = tmp_path / "hf" / "e2e" / "step-7"
+    export = tmp_path / "hf" / "e2e" / "step-39"
     assert (export / "config.json").is_file() and (export / "tokenizer_config.json").is_file()
     assert any(p.suffix == ".safetensors" for p in export.iterdir())
 
-    resumed = run(tiny_config(tmp_path, "--trainer.num_train_steps", "10", *overrides))
-    assert "Resuming SimPO training from step 8" in resumed.messages
-    assert sorted(s for s, m in resumed.by_step.items() if "train/loss" in m) == [8, 9]
+    resumed = run(tiny_config(tmp_path, "--trainer.num_train_steps", "42", *overrides))
+    assert "Resuming SimPO training from step 40" in resumed.messages
+    assert sorted(s for s, m in resumed.by_step.items() if "train/loss" in m) == [40, 41]
 
 
 def _held_out_losses(config, model) -> tuple[float, float]:

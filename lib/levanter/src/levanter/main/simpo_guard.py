@@ -6,7 +6,8 @@ Levanter's trainer already stops on a NaN or infinite loss (``crash_on_nan`` / `
 "Loss is NaN", and a non-finite gradient under a finite loss goes unnoticed until the parameters it produced make
 a later step's loss NaN, which then blames the wrong batch. ``NonFiniteGuard`` checks the gradients inside the
 compiled step (one ``isfinite`` reduction, no host transfer beyond a boolean) and names the step and the
-positions of its rows in the training stream (a row holds one pair, or several in packed layouts), which the data loader reproduces for the same data seed.
+positions of its rows in the training stream (a row holds one pair, or several in packed layouts), which the data
+loader reproduces for the same data seed.
 
 A batch is blamed only when the parameters it met were sane: the guard also tracks, in the same compiled step,
 whether the updated parameters are finite and their largest magnitude, and when those were already non-finite or

@@ -278,20 +278,38 @@ def trainer_in_rows(trainer: TrainerConfig, pairs_per_row: float, *, eval_parall
     Packed layouts refuse microbatches (``validate_config``): a step's rows all run at once. Evaluation takes as
     many rows a device as training, unless the config set ``per_device_eval_parallelism``: Levanter derived it
     from the batch of pairs, which would be several times more rows."""
-    width = trainer.data_axis_size
+    width = 1 if trainer.allow_nondivisible_batch_size else trainer.data_axis_size
     batch = trainer.train_batch_size
     if isinstance(batch, int):
         rows: int | list = rows_per_step(batch, pairs_per_row, width)
-        per_device = rows // width
         largest = rows
     else:
         rows = [dataclasses.replace(p, value=rows_per_step(p.value, pairs_per_row, width)) for p in batch]
-        per_device = -1
         largest = max(p.value for p in rows)
-    eval_per_device = trainer.per_device_eval_parallelism if eval_parallelism_set else largest // width
+    eval_per_device = -(-largest // trainer.data_axis_size)
+    if eval_parallelism_set:
+        eval_per_device = trainer.per_device_eval_parallelism
+    # per_device_parallelism -1: no microbatches, whatever Levanter derived from the batch of pairs
     return dataclasses.replace(
-        trainer, train_batch_size=rows, per_device_parallelism=per_device, per_device_eval_parallelism=eval_per_device
+        trainer, train_batch_size=rows, per_device_parallelism=-1, per_device_eval_parallelism=eval_per_device
     )
+
+
+def log_rows_per_step(pairs: TrainerConfig, rows: TrainerConfig, pairs_per_row: float) -> None:
+    """Logs the rows a step takes for the batch of pairs asked; warns when rounding to the data-parallel width
+    moves the pairs a step more than 10% off (each device needs whole rows)."""
+    for asked, got in zip(pairs.batch_schedule.segments, rows.batch_schedule.segments, strict=True):
+        held = got.value * pairs_per_row
+        logger.info(
+            f"trainer.train_batch_size {asked.value} pairs (from step {asked.start}): {got.value} rows of "
+            f"{pairs_per_row:.2f} pairs on average, {held:.0f} pairs a step"
+        )
+        if abs(held - asked.value) > 0.1 * asked.value:
+            logger.warning(
+                f"{got.value} rows a step hold about {held:.0f} pairs, not the {asked.value} asked: the rows are a "
+                f"multiple of the data-parallel width ({rows.data_axis_size}). Change train_batch_size, or set "
+                "trainer.allow_nondivisible_batch_size"
+            )
 
 
 def layout_note(name: str, reason: str, rows: PairRows, sequences_per_row: int, seq_len: int) -> str:

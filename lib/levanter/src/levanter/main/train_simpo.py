@@ -51,6 +51,7 @@ from levanter.main.simpo_layouts import (
     check_pair_layout,
     layout_note,
     pair_layout,
+    log_rows_per_step,
     resolve_pair_layout,
     trainer_in_rows,
 )
@@ -149,8 +150,8 @@ def validate_config(config: TrainSimpoConfig) -> None:
         # counts, so that average would not be the mean over the batch's pairs
         raise ValueError(
             f"pair_layout {config.pair_layout} holds a varying number of pairs a row, so splitting a batch of "
-            f"{largest_batch} rows into microbatches of {microbatch} (trainer.per_device_parallelism) would weight "
-            "pairs unequally; use pair_layout padded with microbatches, or a batch that fits without them"
+            f"{largest_batch} pairs into microbatches (trainer.per_device_parallelism gives {microbatch}) would "
+            "weight pairs unequally; use pair_layout padded with microbatches, or a batch that fits without them"
         )
     fraction = config.validation_split_fraction
     if fraction is not None and not 0 <= fraction < 1:
@@ -314,7 +315,8 @@ def main(config: TrainSimpoConfig):
             f"train_seq_len must be in [1, model max_seq_len={config.model.max_seq_len}], got {train_length}"
         )
     max_lengths = [c.format.max_length for c in config.data.components.values()]
-    layout_name, layout_reason = resolve_pair_layout(config.pair_layout, train_length, max_lengths, jax.default_backend())
+    backend = jax.default_backend()
+    layout_name, layout_reason = resolve_pair_layout(config.pair_layout, train_length, max_lengths, backend)
     layout = pair_layout(layout_name, config.max_pairs_per_row)
     # the run's identity records the layout its rows were made by: another platform may resolve auto otherwise
     config = dataclasses.replace(config, pair_layout=layout_name)
@@ -360,10 +362,7 @@ def main(config: TrainSimpoConfig):
             trainer_config = trainer_in_rows(
                 config.trainer, splits.pairs_per_row, eval_parallelism_set=eval_parallelism_set
             )
-            logger.info(
-                f"trainer.train_batch_size {config.trainer.train_batch_size} pairs: {trainer_config.train_batch_size} "
-                f"rows of {splits.pairs_per_row:.2f} pairs on average a step"
-            )
+            log_rows_per_step(config.trainer, trainer_config, splits.pairs_per_row)
         trainer = stack.enter_context(Trainer(trainer_config, optimizer, loss_function))
         run.attach(trainer)
         parameter_axis_mapping = trainer.parameter_axis_mapping
@@ -389,6 +388,9 @@ def main(config: TrainSimpoConfig):
             return config.adapter.apply(model, key=adapter_key, axis_mapping=parameter_axis_mapping)
 
         identity = training_identity(config, data_identity=splits.sources)
+        if layout.name != "padded":
+            # another data-parallel width may round the rows a step otherwise, which would move every later batch
+            identity["rows_per_step"] = str(trainer_config.train_batch_size)
 
         def build_state():
             _, resuming = trainer.checkpoint_load_plan()

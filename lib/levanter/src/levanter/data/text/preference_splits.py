@@ -121,6 +121,18 @@ def _shuffled(dataset: AsyncDataset, config: PreferenceLmDataConfig, key: PRNGKe
     return dataset
 
 
+def row_weights(weights, pairs_per_row: dict[str, float]):
+    """Mixture weights over rows that draw pairs by ``weights``: a component whose rows hold more pairs each is
+    drawn less often (Levanter's mixture draws rows)."""
+
+    def stage(ws: dict[str, float]) -> dict[str, float]:
+        return {name: w / pairs_per_row[name] if name in pairs_per_row else w for name, w in ws.items()}
+
+    if isinstance(weights, dict):
+        return stage(weights)
+    return [(start, stage(ws)) for start, ws in weights]
+
+
 @dataclasses.dataclass(frozen=True)
 class PreferenceSplits:
     train: AsyncDataset
@@ -131,7 +143,7 @@ class PreferenceSplits:
     train_rows: dict[str, PairRows]
     """Per training component, its training rows (before the shuffle)."""
     pairs_per_row: float
-    """Training pairs a row of the mixture holds on average (the components' means, by their first weights)."""
+    """Training pairs a row of the mixture holds on average (with the first stage's weights)."""
 
 
 def _check_format(config: PreferenceLmDataConfig, name: str, seq_len: int) -> PromptCompletionPreferenceFormat:
@@ -172,7 +184,8 @@ def build_preference_splits(
     key: PRNGKeyArray,
     validation_split_fraction: float | None,
 ) -> PreferenceSplits:
-    """Training rows (each component shuffled, then mixed by the configured weights) and held-out rows per
+    """Training rows (each component shuffled, then mixed so that the drawn pairs follow the configured weights)
+    and held-out rows per
     component: the last ``validation_split_fraction`` of each component's pairs, or its validation set when the
     fraction is None. ``rows_of`` lays a split's pairs out in rows (the pair layout)."""
     weights = training_weights(config)
@@ -207,17 +220,21 @@ def build_preference_splits(
             stats[f"validation/{name}"] = pairs.stats()
             validation[name] = rows_of(pairs, pairs.kept).dataset
 
+    per_row = {name: float(rows.pairs_per_row.mean()) for name, rows in train_rows.items()}
     mixture = MixtureDataset(
         datasets=train,
-        weights=weights,
+        weights=row_weights(weights, per_row),
         block_size=config.mixture_block_size,
         key=mix_key,
         stop_strategy=config.stop_strategy,
     )
     sources = {name: recorded_identity(train_caches[name]) for name in names}
     first = weights if isinstance(weights, dict) else weights[0][1]
-    share = {name: first.get(name, 0.0) for name in names}
-    pairs_per_row = sum(share[n] * float(train_rows[n].pairs_per_row.mean()) for n in names) / sum(share.values())
+    drawn = {name: w for name, w in first.items() if w > 0 and name in per_row}
+    if not drawn:
+        raise ValueError(f"The first stage of train_weights draws none of the components that train: {first}")
+    # rows are drawn in proportion to weight / pairs a row, so a row holds this many pairs on average
+    pairs_per_row = sum(drawn.values()) / sum(w / per_row[name] for name, w in drawn.items())
     return PreferenceSplits(
         train=cast(AsyncDataset, mixture),
         validation=validation,
