@@ -220,6 +220,7 @@ def startup_seconds(n_pairs: int, layouts: dict, root: str, seq_len: int = 2048,
     from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig, _component_cache_path
     from levanter.data.text.preference import PreferenceLmDataConfig
     from levanter.data.text.preference_splits import build_preference_splits
+    from levanter.schedule import BatchSchedule
 
     tokenizer_dir = str(Path(tempfile.gettempdir()) / "bench_simpo_bpe100k")
     tokenizer = bpe_tokenizer(Path(tokenizer_dir))
@@ -246,6 +247,6 @@ def startup_seconds(n_pairs: int, layouts: dict, root: str, seq_len: int = 2048,
             validation_split_fraction=0.005,
         )
         built = time.perf_counter() - start
-        splits.train.as_sync_dataset().get_batch(list(range(batch)))
+        splits.train(BatchSchedule(batch)).as_sync_dataset().get_batch(list(range(batch)))
         out[name] = {"splits_s": built, "first_batch_s": time.perf_counter() - start - built}
     return out

@@ -19,6 +19,7 @@ from levanter.data.text.preference_cache_identity import cache_contents
 from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.text.preference_rows import PreferenceRowError
 from levanter.data.text.preference_splits import build_preference_splits, packed_pair_rows, padded_pair_rows
+from levanter.schedule import BatchSchedule
 
 Pos = Axis("position", 48)
 
@@ -75,7 +76,7 @@ def test_splits_stats_and_examples_through_the_cache(tmp_path):
 
     # the last 20% of the pairs that train are held out: cache row 9, the long one
     validation = splits.validation["prefs"].as_sync_dataset()
-    train = splits.train.as_sync_dataset()
+    train = splits.train(BatchSchedule(8)).as_sync_dataset()
     assert len(validation) == 1 and len(train.get_batch(range(7))) == 7
 
     example = validation[0]
@@ -203,12 +204,38 @@ def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path, layout
         per_row = {name: rows.pairs_per_row.mean() for name, rows in splits.train_rows.items()}
         assert per_row["reds"] > 1.5 * per_row["blues"]  # so drawing rows by weight would not draw pairs by weight
     red = config.the_tokenizer.convert_tokens_to_ids("red")
-    drawn = splits.train.as_sync_dataset().get_batch(range(800))
+    drawn = splits.train(BatchSchedule(8)).as_sync_dataset().get_batch(range(800))
     # a row's pairs all come from one component; its segments are its pairs
     segments = [np.asarray(row.chosen.attn_mask.segment_ids[0].array) for row in drawn]
     pairs = [np.unique(s[s >= 0]).size for s in segments]
     reds = sum(n for n, row in zip(pairs, drawn) if red in np.asarray(row.chosen.tokens.array))
     assert reds / sum(pairs) == pytest.approx(0.75, abs=0.05)
+
+
+def test_staged_weights_start_at_steps_of_the_trainers_rows(tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    llama3_style_tokenizer(tokenizer_dir)
+    components = {}
+    for name, colour in (("reds", "red"), ("blues", "blue")):
+        rows = [preference_row(f"say {colour} {i} .", f"{colour} .", "no .", prompt_id=f"{name}{i}") for i in range(40)]
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        source = UrlDatasetSourceConfig(train_urls=[str(data)])
+        components[name] = DatasetComponent(source=source, format=PromptCompletionPreferenceFormat(max_length=48))
+    config = PreferenceLmDataConfig(
+        tokenizer=str(tokenizer_dir),
+        cache_dir=str(tmp_path / "cache"),
+        components=components,
+        train_weights=[(0, {"reds": 1.0, "blues": 0.0}), (10, {"reds": 0.0, "blues": 1.0})],
+        mixture_block_size=16,
+    )
+    packed = lambda pairs, kept: packed_pair_rows(pairs, kept, Pos, 8)  # noqa: E731
+    splits = _splits(config, validation_split_fraction=None, rows_of=packed)
+    # step 10 of 8 rows a step is row 80, not pair 80
+    drawn = splits.train(BatchSchedule(8)).as_sync_dataset().get_batch(range(160))
+    red = config.the_tokenizer.convert_tokens_to_ids("red")
+    colours = ["red" if red in np.asarray(row.chosen.tokens.array) else "blue" for row in drawn]
+    assert colours == ["red"] * 80 + ["blue"] * 80
 
 
 def test_a_cache_damaged_after_it_was_built_is_built_again(tmp_path):

@@ -493,7 +493,7 @@ def main(config: TrainSimpoConfig):
             # StepInfo reports the step before state.step, so this logs at step 0, as train_dpo does
             evaluator(StepInfo(dataclasses.replace(state, step=1), 0.0, 0.0))
             evaluator.latest_step = None  # the trained model's evaluation after step 0 is another one, not a repeat
-        batches = run.train_batches(trainer.data_loader(splits.train).iter_from_step(state.step), int(state.step))
+        batches = run.train_batches(trainer.data_loader(splits.train(trainer.config.batch_schedule)).iter_from_step(state.step), int(state.step))
         train_loader = guard.track(batches, int(state.step))
         with guard.reporting():
             trainer.train(state, train_loader)

@@ -14,9 +14,10 @@ from haliax import Axis
 from jaxtyping import PRNGKeyArray
 
 from levanter.data.dataset import AsyncDataset
-from levanter.data.mixture import MixtureDataset
+from levanter.data.mixture import MixtureDataset, rescale_mixture_schedule_for_batch_schedule
 from levanter.data.text.datasets import BlockShuffleConfig
 from levanter.data.text.preference import PreferenceLmDataConfig, PreferencePairDataset
+from levanter.schedule import BatchSchedule
 from levanter.store.cache import TreeCache
 
 from .preference_cache import CachedPairs, open_cached_pairs
@@ -135,7 +136,12 @@ def row_weights(weights, pairs_per_row: dict[str, float]):
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceSplits:
-    train: AsyncDataset
+    components: dict[str, AsyncDataset]
+    """Per training component, its shuffled training rows."""
+    weights: dict[str, float] | list[tuple[int, dict[str, float]]]
+    """The mixture weights over rows (``row_weights``); a list of stages starts each at a step."""
+    mixture: dict
+    """The rest of ``MixtureDataset``'s arguments: block size, key, stop strategy."""
     validation: dict[str, AsyncDataset]
     stats: dict[str, PreferencePairStats]
     sources: dict[str, dict | None]
@@ -144,6 +150,23 @@ class PreferenceSplits:
     """Per training component, its training rows (before the shuffle)."""
     pairs_per_row: float
     """Training pairs a row of the mixture holds on average (with the first stage's weights)."""
+
+    def train(self, batch_schedule: BatchSchedule) -> AsyncDataset:
+        """The training mixture for the trainer's batches of rows: staged weights start at steps, as in Levanter's
+        LM data config, so their starts become row offsets of ``batch_schedule``, rounded to the mixture's block
+        (Levanter's mixture changes weights only at block boundaries)."""
+        weights = self.weights
+        if isinstance(weights, list):
+            block = self.mixture["block_size"]
+            rows = rescale_mixture_schedule_for_batch_schedule(weights, batch_schedule)
+            weights = [(start if start < 0 else round(start / block) * block, w) for start, w in rows]
+            for (step, _), (row, _), (rounded, _) in zip(self.weights, rows, weights):
+                if rounded != row:
+                    logger.info(
+                        f"train_weights stage at step {step} starts at row {rounded}, not {row}: a multiple of "
+                        f"data.mixture_block_size {block}"
+                    )
+        return cast(AsyncDataset, MixtureDataset(datasets=self.components, weights=weights, **self.mixture))
 
 
 def _check_format(config: PreferenceLmDataConfig, name: str, seq_len: int) -> PromptCompletionPreferenceFormat:
@@ -221,13 +244,6 @@ def build_preference_splits(
             validation[name] = rows_of(pairs, pairs.kept).dataset
 
     per_row = {name: float(rows.pairs_per_row.mean()) for name, rows in train_rows.items()}
-    mixture = MixtureDataset(
-        datasets=train,
-        weights=row_weights(weights, per_row),
-        block_size=config.mixture_block_size,
-        key=mix_key,
-        stop_strategy=config.stop_strategy,
-    )
     sources = {name: recorded_identity(train_caches[name]) for name in names}
     first = weights if isinstance(weights, dict) else weights[0][1]
     drawn = {name: w for name, w in first.items() if w > 0 and name in per_row}
@@ -236,7 +252,9 @@ def build_preference_splits(
     # rows are drawn in proportion to weight / pairs a row, so a row holds this many pairs on average
     pairs_per_row = sum(drawn.values()) / sum(w / per_row[name] for name, w in drawn.items())
     return PreferenceSplits(
-        train=cast(AsyncDataset, mixture),
+        components=train,
+        weights=row_weights(weights, per_row),
+        mixture=dict(block_size=config.mixture_block_size, key=mix_key, stop_strategy=config.stop_strategy),
         validation=validation,
         stats=stats,
         sources=sources,
