@@ -95,6 +95,10 @@ def mesh_child(shared_setup, tmp_path_factory):
         {"name": name, "overrides": run_overrides(name, "--trainer.mesh.axes", json.dumps(axes), *own_caches)}
         for name, axes in MESHES.items()
     ]
+    # 12 pairs a step, whose rows a step on 4 data-parallel devices are a multiple of 4 and on one device are not
+    rows = ["--trainer.train_batch_size", "12", "--trainer.num_train_steps", "2"]
+    mesh = ["--trainer.mesh.axes", json.dumps(MESHES["data_parallel"])]
+    runs.append({"name": "rows", "overrides": ["--trainer.id", "rows", *rows, *mesh, *own_caches]})
     child = ChildRuns(tmp, shared_setup, runs, env={"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"})
     yield child
     child.close()

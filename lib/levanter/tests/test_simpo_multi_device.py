@@ -3,11 +3,15 @@
 """The tiny SimPO run on four (virtual CPU) devices, data parallel, fully sharded (FSDP) and tensor parallel, gives
 the single-device losses to within f32 rounding of the reordered reductions."""
 
+import re
+
 import equinox as eqx
 import jax
 import numpy as np
 import pytest
-from simpo_tiny_run import DEVICES, MESHES, STEPS, final_model, train_losses
+from simpo_tiny_run import DEVICES, MESHES, STEPS, final_model, run, tiny_config, train_losses
+
+from levanter.main.simpo_checkpoints import CheckpointMismatchError
 
 # Measured on every mesh: exactly 0 at step 0, 5e-7 at step 1, at most 1.9e-5 by step 7. A reordered f32
 # reduction differs by ~1e-7; Adam's normalised update turns such differences in near-zero gradients into
@@ -52,3 +56,18 @@ def test_final_parameters_match_one_device(single_device_runs, mesh_runs, mesh):
     largest = np.max(np.abs(sharded - reference))
     print(f"{mesh}: parameters' relative L2 difference {relative_l2:.1e}, largest difference {largest:.1e}")
     assert relative_l2 < PARAM_RELATIVE_L2
+
+
+def test_a_packed_run_resumed_where_its_rows_a_step_differ_stops(mesh_runs, shared_setup, repo_cwd):
+    # the mesh may change on resume, but a packed run's rows a step follow the data-parallel width: 12 pairs a step
+    # made a multiple of 4 rows on four devices, and make another number on one; every later batch would move
+    tmp, meshes = mesh_runs
+    assert meshes["rows"]["devices"] == DEVICES
+    args = ["--data.cache_dir", str(tmp / "cache"), "--trainer.id", "rows", "--trainer.train_batch_size", "12"]
+    config = tiny_config(tmp, *shared_setup.overrides, *args, "--trainer.num_train_steps", "4",
+                         config_path=shared_setup.config)
+    with pytest.raises(CheckpointMismatchError) as error:
+        run(config)
+    rows = re.search(r"rows_per_step: '(\d+)' -> '(\d+)'", str(error.value))
+    assert rows is not None, str(error.value)
+    assert int(rows[1]) % DEVICES == 0 and rows[1] != rows[2]
