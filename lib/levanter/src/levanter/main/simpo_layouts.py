@@ -306,9 +306,9 @@ def log_rows_per_step(pairs: TrainerConfig, rows: TrainerConfig, pairs_per_row: 
         )
         if abs(held - asked.value) > 0.1 * asked.value:
             logger.warning(
-                f"{got.value} rows a step hold about {held:.0f} pairs, not the {asked.value} asked: the rows are a "
-                f"multiple of the data-parallel width ({rows.data_axis_size}). Change train_batch_size, or set "
-                "trainer.allow_nondivisible_batch_size"
+                f"{got.value} rows a step hold about {held:.0f} pairs, not the {asked.value} asked: a step takes whole "
+                f"rows, a multiple of the data-parallel width ({rows.data_axis_size}) unless "
+                "trainer.allow_nondivisible_batch_size. Change train_batch_size (or max_pairs_per_row) to come closer"
             )
 
 
