@@ -176,26 +176,31 @@ def test_an_unfinished_cache_is_built_again_not_reused(tmp_path):
     assert ledger["is_finished"] and ledger["total_num_rows"] == 2
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path, layout):
+def _packed(pairs, kept):
+    return packed_pair_rows(pairs, kept, Pos, 8)
+
+
+def _colour_components(tmp_path, blue_answer: str, **data_config) -> PreferenceLmDataConfig:
+    """Two components of 40 pairs each, "reds" (answer "red .") and "blues" (answer ``blue_answer``)."""
     tokenizer_dir = tmp_path / "tokenizer"
     llama3_style_tokenizer(tokenizer_dir)
     components = {}
-    # blue answers are longer: packed, a row holds fewer blue pairs than red ones
-    for name, colour, answer in (("reds", "red", "red ."), ("blues", "blue", "blue " * 8 + ".")):
+    for name, colour, answer in (("reds", "red", "red ."), ("blues", "blue", blue_answer)):
         rows = [preference_row(f"say {colour} {i} .", answer, "no .", prompt_id=f"{name}{i}") for i in range(40)]
         data = tmp_path / f"{name}.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         source = UrlDatasetSourceConfig(train_urls=[str(data)])
         components[name] = DatasetComponent(source=source, format=PromptCompletionPreferenceFormat(max_length=48))
-    config = PreferenceLmDataConfig(
-        tokenizer=str(tokenizer_dir),
-        cache_dir=str(tmp_path / "cache"),
-        components=components,
-        train_weights={"reds": 0.75, "blues": 0.25},
+    return PreferenceLmDataConfig(
+        tokenizer=str(tokenizer_dir), cache_dir=str(tmp_path / "cache"), components=components, **data_config
     )
-    packed = lambda pairs, kept: packed_pair_rows(pairs, kept, Pos, 8)  # noqa: E731
-    splits = _splits(config, validation_split_fraction=0.1, **({"rows_of": packed} if layout == "packed" else {}))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path, layout):
+    # blue answers are longer: packed, a row holds fewer blue pairs than red ones
+    config = _colour_components(tmp_path, "blue " * 8 + ".", train_weights={"reds": 0.75, "blues": 0.25})
+    splits = _splits(config, validation_split_fraction=0.1, **({"rows_of": _packed} if layout == "packed" else {}))
 
     # statistics and held-out pairs per component
     assert splits.stats["train/reds"].pairs == splits.stats["train/blues"].pairs == 40
@@ -213,24 +218,9 @@ def test_a_weighted_mixture_of_components_draws_pairs_by_weight(tmp_path, layout
 
 
 def test_staged_weights_start_at_steps_of_the_trainers_rows(tmp_path):
-    tokenizer_dir = tmp_path / "tokenizer"
-    llama3_style_tokenizer(tokenizer_dir)
-    components = {}
-    for name, colour in (("reds", "red"), ("blues", "blue")):
-        rows = [preference_row(f"say {colour} {i} .", f"{colour} .", "no .", prompt_id=f"{name}{i}") for i in range(40)]
-        data = tmp_path / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        source = UrlDatasetSourceConfig(train_urls=[str(data)])
-        components[name] = DatasetComponent(source=source, format=PromptCompletionPreferenceFormat(max_length=48))
-    config = PreferenceLmDataConfig(
-        tokenizer=str(tokenizer_dir),
-        cache_dir=str(tmp_path / "cache"),
-        components=components,
-        train_weights=[(0, {"reds": 1.0, "blues": 0.0}), (10, {"reds": 0.0, "blues": 1.0})],
-        mixture_block_size=16,
-    )
-    packed = lambda pairs, kept: packed_pair_rows(pairs, kept, Pos, 8)  # noqa: E731
-    splits = _splits(config, validation_split_fraction=None, rows_of=packed)
+    stages = [(0, {"reds": 1.0, "blues": 0.0}), (10, {"reds": 0.0, "blues": 1.0})]
+    config = _colour_components(tmp_path, "blue .", train_weights=stages, mixture_block_size=16)
+    splits = _splits(config, validation_split_fraction=None, rows_of=_packed)
     # step 10 of 8 rows a step is row 80, not pair 80
     drawn = splits.train(BatchSchedule(8)).as_sync_dataset().get_batch(range(160))
     red = config.the_tokenizer.convert_tokens_to_ids("red")

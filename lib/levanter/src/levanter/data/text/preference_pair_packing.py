@@ -10,7 +10,9 @@ lengths, which the cache builder stored, so every start of a run makes the same 
 stay exact; the rows are then shuffled like any other dataset.
 """
 
+import abc
 from collections.abc import Sequence
+from typing import TypeVar
 
 import haliax as hax
 import jax
@@ -23,6 +25,8 @@ from levanter.layers.attention import AttentionMask
 from levanter.models.lm_model import LmExample
 
 from .preference_cache import CachedPairs
+
+T = TypeVar("T")
 
 PACKING_WINDOW = 1024
 """Consecutive pairs packed together; longer windows fill rows a little better (92% at 1,024 pairs, 87% at 64)."""
@@ -81,9 +85,10 @@ def packed_side(tokens: Sequence[np.ndarray], trained: Sequence[np.ndarray], Pos
     )
 
 
-class PackedPairDataset(AsyncDataset[DpoExample]):
-    """Levanter ``DpoExample`` rows holding the cache rows ``groups[i]``: their chosen sequences one after another
-    in the chosen row, their rejected sequences in the rejected row, each pair its own attention segment."""
+class PairGroupDataset(AsyncDataset[T]):
+    """Rows of pairs, row ``i`` holding the cache rows ``groups[i]``: a batch's pairs are read in one request and
+    each row is made (``row``) and left on the host, as Levanter's ``PreferencePairDataset`` leaves its examples
+    until the loader shards them."""
 
     def __init__(self, pairs: CachedPairs, groups: list[np.ndarray], Pos: Axis):
         super().__init__()
@@ -95,18 +100,28 @@ class PackedPairDataset(AsyncDataset[DpoExample]):
     def is_finite(self) -> bool:
         return True
 
-    async def get_batch(self, indices: Sequence[int]) -> Sequence[DpoExample]:
+    @abc.abstractmethod
+    def row(self, rows: np.ndarray, cached: Sequence[dict[str, np.ndarray]]) -> T:
+        """One row from its pairs' cache rows and their cached fields."""
+
+    async def get_batch(self, indices: Sequence[int]) -> Sequence[T]:
         wanted = [self.groups[i] for i in indices]
         cached = await self.view.get_batch([int(r) for rows in wanted for r in rows])
         host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         out, start = [], 0
         for rows in wanted:
-            group = cached[start : start + len(rows)]
+            out.append(jax.device_put(self.row(rows, cached[start : start + len(rows)]), host))
             start += len(rows)
-            chosen, rejected = (
-                packed_side([r[f"{s}_input_ids"] for r in group], [r[f"{s}_assistant_masks"] for r in group], self.Pos)
-                for s in ("chosen", "rejected")
-            )
-            # as Levanter's PreferencePairDataset: examples stay on the host until the loader shards them
-            out.append(jax.device_put(DpoExample(chosen=chosen, rejected=rejected), host))
         return out
+
+
+class PackedPairDataset(PairGroupDataset[DpoExample]):
+    """Levanter ``DpoExample`` rows: the group's chosen sequences one after another in the chosen row, its rejected
+    sequences in the rejected row, each pair its own attention segment."""
+
+    def row(self, rows: np.ndarray, cached: Sequence[dict[str, np.ndarray]]) -> DpoExample:
+        chosen, rejected = (
+            packed_side([r[f"{s}_input_ids"] for r in cached], [r[f"{s}_assistant_masks"] for r in cached], self.Pos)
+            for s in ("chosen", "rejected")
+        )
+        return DpoExample(chosen=chosen, rejected=rejected)

@@ -12,14 +12,12 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import haliax as hax
-import jax
 import numpy as np
 from haliax import Axis, NamedArray
 
-from levanter.data.dataset import AsyncDataset
 
 from .preference_cache import CachedPairs
-from .preference_pair_packing import first_fit_decreasing
+from .preference_pair_packing import PairGroupDataset, first_fit_decreasing
 
 # roles of the positions of a shared-prompt row
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1
@@ -108,12 +106,11 @@ def pack_shared_rows(layouts: Sequence[SharedPairLayout], Pos: Axis) -> dict[str
     return out
 
 
-class SharedPromptPairDataset(AsyncDataset[PrefixSharedPairs]):
+class SharedPromptPairDataset(PairGroupDataset[PrefixSharedPairs]):
     """The pairs at cache rows ``kept``, up to ``max_pairs_per_row`` a row, grouped by ``first_fit_decreasing``
     from the lengths the cache builder recorded."""
 
     def __init__(self, pairs: CachedPairs, kept: np.ndarray, Pos: Axis, max_pairs_per_row: int):
-        super().__init__()
         lengths = (pairs.column("chosen_length") + pairs.column("rejected_length") - pairs.column("prompt_length"))[
             kept
         ]
@@ -124,29 +121,10 @@ class SharedPromptPairDataset(AsyncDataset[PrefixSharedPairs]):
                 f"more than the sequence length {Pos.size} ({over.size} such pairs); with pair_layout shared_prompt "
                 "set train_seq_len (and the model's max_seq_len) above the data format's max_length"
             )
-        self.Pos = Pos
+        super().__init__(pairs, [kept[g] for g in first_fit_decreasing(lengths, Pos.size, max_pairs_per_row)], Pos)
         self.prompt_length = pairs.column("prompt_length")
-        self.view = pairs.pair_fields_view()
-        self.rows = [kept[g] for g in first_fit_decreasing(lengths, Pos.size, max_pairs_per_row)]
 
-    async def async_len(self) -> int:
-        return len(self.rows)
-
-    def is_finite(self) -> bool:
-        return True
-
-    async def get_batch(self, indices: Sequence[int]) -> Sequence[PrefixSharedPairs]:
-        wanted = [self.rows[i] for i in indices]
-        cached = await self.view.get_batch([int(r) for rows in wanted for r in rows])
-        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        out, start = [], 0
-        for rows in wanted:
-            group = cached[start : start + len(rows)]
-            start += len(rows)
-            layouts = [shared_layout(row, int(self.prompt_length[r])) for r, row in zip(rows, group)]
-            fields = pack_shared_rows(layouts, self.Pos)
-            # as Levanter's PreferencePairDataset: examples stay on the host until the loader shards them
-            out.append(
-                jax.device_put(PrefixSharedPairs(**{k: hax.named(v, self.Pos) for k, v in fields.items()}), host)
-            )
-        return out
+    def row(self, rows: np.ndarray, cached: Sequence[dict[str, np.ndarray]]) -> PrefixSharedPairs:
+        layouts = [shared_layout(row, int(self.prompt_length[r])) for r, row in zip(rows, cached)]
+        fields = pack_shared_rows(layouts, self.Pos)
+        return PrefixSharedPairs(**{k: hax.named(v, self.Pos) for k, v in fields.items()})

@@ -79,7 +79,7 @@ def packed_pair_rows(pairs: CachedPairs, kept: np.ndarray, Pos: Axis, max_pairs_
 def shared_prompt_rows(pairs: CachedPairs, kept: np.ndarray, Pos: Axis, max_pairs_per_row: int) -> PairRows:
     dataset = SharedPromptPairDataset(pairs, kept, Pos, max_pairs_per_row)
     real = _both_sides(pairs, kept) - int(pairs.column("prompt_length")[kept].sum())
-    return PairRows(dataset, np.array([len(r) for r in dataset.rows], dtype=np.int64), real)
+    return PairRows(dataset, np.array([len(g) for g in dataset.groups], dtype=np.int64), real)
 
 
 RowBuilder = Callable[[CachedPairs, np.ndarray], PairRows]
