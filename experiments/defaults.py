@@ -19,8 +19,8 @@ from levanter.adaptor import NoAdaptorConfig
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.text.preference_splits import num_validation_pairs
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.splits import num_validation_pairs
 from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.models.lm_model import LmConfig
 from levanter.optim.config import AdamConfig

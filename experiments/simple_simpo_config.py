@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from fray.types import ResourceConfig
 from levanter.adaptor import LoraAdaptorConfig
-from levanter.data.text.preference_prompt_completion import CompletionTokens, PromptCompletionPreferenceFormat
-from levanter.data.text.preference_truncation import TruncationMode
-from levanter.main.simpo_layouts import PairLayoutName
+from levanter.data.simpo.prompt_completion import CompletionTokens, PromptCompletionPreferenceFormat
+from levanter.data.simpo.truncation import TruncationMode
+from levanter.simpo.objective.layouts import PairLayoutName
 from levanter.main.train_simpo import LossType, TrainSimpoConfig
 from levanter.optim.config import AdamConfig
 from levanter.schedule import IntSchedule
@@ -27,7 +27,7 @@ class SimpleSimPOConfig:
     """Preference pairs per step (in every pair layout: packed layouts take the rows that hold this many)."""
     pair_layout: PairLayoutName = "auto"
     """How pairs fill the sequences; ``auto`` takes the fastest exact layout for the accelerator
-    (``levanter.main.simpo_layouts.resolve_pair_layout``)."""
+    (``levanter.simpo.objective.layouts.resolve_pair_layout``)."""
     max_pairs_per_row: int = 8
     num_train_steps: int | None = None
     num_train_epochs: int | None = None

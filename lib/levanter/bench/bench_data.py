@@ -13,7 +13,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
 from levanter.tokenizers import MarinTokenizer, load_tokenizer
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -175,7 +175,7 @@ if __name__ == "__main__":
 def write_pair_cache(path: str, n_pairs: int, metadata: dict, seed: int = 0, chunk: int = 20_000) -> float:
     """``n_pairs`` synthetic pairs in the SimPO cache format (``pair_info`` beside the tokens, as the cache builder
     writes them) with a tenth of UltraFeedback's lengths, so a million pairs take ~1 GB; returns seconds."""
-    from levanter.data.text.preference_pair_build import PAIR_INFO, cache_exemplar
+    from levanter.data.simpo.pair_build import PAIR_INFO, cache_exemplar
     from levanter.store.cache import CacheMetadata, SerialCacheWriter
 
     rng = np.random.default_rng(seed)
@@ -219,7 +219,7 @@ def startup_seconds(n_pairs: int, layouts: dict, root: str, seq_len: int = 2048,
 
     from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig, _component_cache_path
     from levanter.data.text.preference import PreferenceLmDataConfig
-    from levanter.data.text.preference_splits import build_preference_splits
+    from levanter.data.simpo.splits import build_preference_splits
     from levanter.schedule import BatchSchedule
 
     tokenizer_dir = str(Path(tempfile.gettempdir()) / "bench_simpo_bpe100k")

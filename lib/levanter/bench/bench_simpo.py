@@ -45,10 +45,10 @@ from levanter.callbacks.watch import WatchConfig  # noqa: E402
 from levanter.checkpoint import CheckpointerConfig  # noqa: E402
 from levanter.data.packing import pack_documents  # noqa: E402
 from levanter.data.text.preference import DpoExample  # noqa: E402
-from levanter.data.text.preference_cache import CachedPairs  # noqa: E402
-from levanter.data.text.preference_pair_build import PAIR_INFO, cache_exemplar  # noqa: E402
+from levanter.data.simpo.cache import CachedPairs  # noqa: E402
+from levanter.data.simpo.pair_build import PAIR_INFO, cache_exemplar  # noqa: E402
 from levanter.dpo import DpoModel, dpo_loss  # noqa: E402
-from levanter.main.simpo_layouts import PairLayout, pair_layout, resolve_pair_layout  # noqa: E402
+from levanter.simpo.objective.layouts import PairLayout, pair_layout, resolve_pair_layout  # noqa: E402
 from levanter.main.train_simpo import simpo_loss  # noqa: E402
 from levanter.models.llama import LlamaConfig  # noqa: E402
 from levanter.models.lm_model import LmExample  # noqa: E402

@@ -7,11 +7,11 @@ import dataclasses
 
 import numpy as np
 
-from levanter.data.text.preference_cache import check_pair_info
-from levanter.data.text.preference_pair_build import PAIR_INFO
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.text.preference_rows import RowDrop
-from levanter.data.text.preference_stats import PreferencePairStats
+from levanter.data.simpo.cache import check_pair_info
+from levanter.data.simpo.pair_build import PAIR_INFO
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.rows import RowDrop
+from levanter.data.simpo.stats import PreferencePairStats
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 
-from levanter.data.text.preference_rows import RowDrop
+from levanter.data.simpo.rows import RowDrop
 from levanter.tokenizers import MarinTokenizer, load_tokenizer
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 from simpo_tiny_run import REPO, SharedSetup, TrackedMetrics, run, tiny_config
 
-from levanter.main.simpo_guard import NonFiniteTrainingError
+from levanter.simpo.run.nonfinite import NonFiniteTrainingError
 
 FROZEN = b"frozen\n"
 
@@ -173,7 +173,7 @@ def _child(spec_path: str):
         writes = CheckpointWrites()
         tracked = FreezingMetrics(entry, out, spec["frozen_fd"], writes)
         config = tiny_config(Path(spec["tmp"]), *entry["overrides"], config_path=Path(spec["config"]))
-        lease_log = logging.getLogger("levanter.main.simpo_lease")
+        lease_log = logging.getLogger("levanter.simpo.run.lease")
         checkpoint_log = logging.getLogger("levanter.checkpoint")
         lease_log.addHandler(tracked)
         checkpoint_log.addHandler(writes)

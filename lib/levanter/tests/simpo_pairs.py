@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from levanter.data.text.preference import DpoExample
-from levanter.main.simpo_layouts import pair_layout
+from levanter.simpo.objective.layouts import pair_layout
 from levanter.models.lm_model import LmExample
 
 PADDED = pair_layout("padded", 1)

@@ -21,7 +21,8 @@ import numpy as np
 import yaml
 
 import levanter.checkpoint
-from levanter.main import simpo_layouts, train_simpo
+from levanter.main import train_simpo
+from levanter.simpo.objective import layouts as simpo_layouts
 from levanter.main.train_simpo import TrainSimpoConfig
 
 REPO = Path(__file__).resolve().parents[3]

@@ -15,9 +15,9 @@ from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_sty
 
 from preference_build import build_and_check
 
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.text.preference_splits import num_validation_pairs
-from levanter.data.text.preference_rows import PreferenceRowError
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.splits import num_validation_pairs
+from levanter.data.simpo.rows import PreferenceRowError
 from levanter.main import train_simpo
 from levanter.main.train_simpo import TrainSimpoConfig, validate_config
 

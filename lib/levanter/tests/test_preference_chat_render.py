@@ -11,10 +11,10 @@ import pytest
 from preference_chat_fixtures import BOS, EOS, EOT, LLAMA3_TEMPLATE, SPECIAL, llama3_style_tokenizer, preference_row
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from levanter.data.text.preference_chat_render import ChatRenderer
-from levanter.data.text.preference_pair_build import STATUS_ERROR, build_pair, cache_record
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.text.preference_rows import PreferenceRowError, describe_row, parse_preference_row
+from levanter.data.simpo.chat_render import ChatRenderer
+from levanter.data.simpo.pair_build import STATUS_ERROR, build_pair, cache_record
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.rows import PreferenceRowError, describe_row, parse_preference_row
 from levanter.tokenizers import load_tokenizer
 
 # a template whose user turns end without a special token: the prompt alone is always encoded on its own

@@ -11,8 +11,8 @@ import numpy as np
 from preference_build import build_and_check, build_records
 from preference_chat_fixtures import BOS, EOS, EOT, LLAMA3_TEMPLATE, llama3_style_tokenizer, preference_row
 
-from levanter.data.text.preference_pair_build import PAIR_INFO
-from levanter.data.text.preference_rows import PreferenceRowError
+from levanter.data.simpo.pair_build import PAIR_INFO
+from levanter.data.simpo.rows import PreferenceRowError
 
 # (token, trained under final_turn, trained under generation); the last token exists under final_turn only
 SAY_RED_TWICE = [

@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import pytest
 
-from levanter.data.text.preference_pair_packing import PACKING_WINDOW, first_fit_decreasing
-from levanter.main.simpo_layouts import log_rows_per_step, resolve_pair_layout, rows_per_step, trainer_in_rows
+from levanter.data.simpo.packing import PACKING_WINDOW, first_fit_decreasing
+from levanter.simpo.objective.layouts import log_rows_per_step, resolve_pair_layout, rows_per_step, trainer_in_rows
 from levanter.schedule import ScheduleStep
 from levanter.trainer import TrainerConfig
 
@@ -107,7 +107,7 @@ def test_a_batch_of_pairs_becomes_the_rows_that_hold_them():
 
 def test_rows_that_hold_far_more_pairs_than_asked_are_warned_about(caplog):
     asked = TrainerConfig(train_batch_size=128)
-    with caplog.at_level(logging.INFO, logger="levanter.main.simpo_layouts"):
+    with caplog.at_level(logging.INFO, logger="levanter.simpo.objective.layouts"):
         log_rows_per_step(asked, dataclasses.replace(asked, train_batch_size=30), 4.2)
         assert "126 pairs a step" in caplog.text and "not the 128 asked" not in caplog.text
         # 64 data-parallel devices need at least 64 rows

@@ -15,10 +15,10 @@ from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_sty
 
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
-from levanter.data.text.preference_cache_identity import cache_contents
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.text.preference_rows import PreferenceRowError
-from levanter.data.text.preference_splits import build_preference_splits, packed_pair_rows, padded_pair_rows
+from levanter.data.simpo.cache_identity import cache_contents
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.rows import PreferenceRowError
+from levanter.data.simpo.splits import build_preference_splits, packed_pair_rows, padded_pair_rows
 from levanter.schedule import BatchSchedule
 
 Pos = Axis("position", 48)

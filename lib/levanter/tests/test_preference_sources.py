@@ -10,9 +10,9 @@ from simpo_tiny_run import REPO
 
 from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceLmDataConfig
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.text.preference_rows import PreferenceRowError
-from levanter.data.text.preference_sources import build_caches_naming_bad_lines, first_bad_source_line
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.rows import PreferenceRowError
+from levanter.data.simpo.sources import build_caches_naming_bad_lines, first_bad_source_line
 
 SHIPPED = REPO / "lib/levanter/data/tiny_simpo/train.jsonl"
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from levanter.main.simpo_compilation_cache import default_compilation_cache_dir, with_compilation_cache
+from levanter.simpo.run.compilation_cache import default_compilation_cache_dir, with_compilation_cache
 from levanter.trainer import TrainerConfig
 
 
@@ -28,7 +28,7 @@ def test_the_default_cache_receives_compiled_programs(tmp_path):
     # a fresh process: JAX sets its compilation cache up once per process
     program = (
         "import jax, jax.numpy as jnp\n"
-        "from levanter.main.simpo_compilation_cache import with_compilation_cache\n"
+        "from levanter.simpo.run.compilation_cache import with_compilation_cache\n"
         "from levanter.trainer import TrainerConfig\n"
         "with_compilation_cache(TrainerConfig())._initialize_jax_config()\n"
         "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"

@@ -8,7 +8,7 @@ import json
 import yaml
 from simpo_tiny_run import REPO, run, tiny_config, training_subset_config
 
-from levanter.main.simpo_export import generation_eos_token_ids
+from levanter.simpo.results.export import generation_eos_token_ids
 from levanter.tokenizers import load_tokenizer
 
 TOKENIZER = REPO / "lib" / "levanter" / "data" / "tiny_simpo" / "tokenizer"

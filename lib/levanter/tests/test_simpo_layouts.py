@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from haliax import Axis
 
-from levanter.data.text.preference_shared_prompt import PrefixSharedPairs
-from levanter.data.text.preference_splits import build_preference_splits
-from levanter.main.simpo_layouts import pair_layout
+from levanter.data.simpo.shared_prompt import PrefixSharedPairs
+from levanter.data.simpo.splits import build_preference_splits
+from levanter.simpo.objective.layouts import pair_layout
 from levanter.main.train_simpo import TrainSimpoConfig, simpo_loss, validate_config
 from levanter.models.gpt2 import Gpt2Config
 from levanter.models.llama import LlamaConfig

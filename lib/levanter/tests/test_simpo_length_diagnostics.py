@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from levanter.main.simpo_length_diagnostics import finish_length_diagnostics, length_diagnostics
+from levanter.simpo.results.length_diagnostics import finish_length_diagnostics, length_diagnostics
 from levanter.metrics import fold
 
 

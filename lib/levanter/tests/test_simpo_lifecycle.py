@@ -33,7 +33,7 @@ from simpo_tiny_run import (
 )
 
 from levanter.main import train_simpo
-from levanter.main.simpo_lease import RunLease, RunLeaseHeldError
+from levanter.simpo.run.lease import RunLease, RunLeaseHeldError
 
 CRASH_SIGNS = ("Traceback", "Exception ignored", "Fatal Python error", "terminate called", "Segmentation fault")
 
@@ -250,12 +250,12 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     record = {"run_id": "run", "host": socket.gethostname(), "pid": dead_pid, "process_started": 0.0, "renewed": 0.0}
     fs.pipe(path, json.dumps(record).encode())
     said = TrackedMetrics()  # Levanter resets the root logging handlers, so caplog may not see the record
-    logging.getLogger("levanter.main.simpo_lease").addHandler(said)
+    logging.getLogger("levanter.simpo.run.lease").addHandler(said)
     taker = RunLease(directory, "run")
     try:
         taker.acquire()
     finally:
-        logging.getLogger("levanter.main.simpo_lease").removeHandler(said)
+        logging.getLogger("levanter.simpo.run.lease").removeHandler(said)
     takeover = f"taking over the stale lease {directory}/lease.json of host {socket.gethostname()} pid {dead_pid}"
     assert any(takeover in m and m.endswith("(that process is gone)") for m in said.messages), said.messages
     assert json.loads(fs.cat(path))["pid"] == os.getpid()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from levanter.data.text.preference import DpoExample
-from levanter.main.simpo_layouts import Side, pair_layout
+from levanter.simpo.objective.layouts import Side, pair_layout
 from levanter.main.train_simpo import _average_logp, simpo_loss, simpo_loss_from_logps
 from levanter.metrics import Metric
 from levanter.models.gpt2 import Gpt2Config

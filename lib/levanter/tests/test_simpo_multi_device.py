@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from simpo_tiny_run import DEVICES, MESHES, STEPS, final_model, run, tiny_config, train_losses
 
-from levanter.main.simpo_checkpoints import CheckpointMismatchError
+from levanter.simpo.run.checkpoints import CheckpointMismatchError
 
 # Measured on every mesh: exactly 0 at step 0, 5e-7 at step 1, at most 1.9e-5 by step 7. A reordered f32
 # reduction differs by ~1e-7; Adam's normalised update turns such differences in near-zero gradients into

@@ -19,7 +19,7 @@ from simpo_pairs import PADDED, random_pairs
 
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.preference import DpoExample
-from levanter.main.simpo_guard import NonFiniteGuard, NonFiniteTrainingError
+from levanter.simpo.run.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from levanter.main.train_simpo import simpo_loss
 from levanter.models.gpt2 import Gpt2Config
 from levanter.tracker import NoopConfig

@@ -12,6 +12,7 @@ import yaml
 from simpo_tiny_run import REPO, TINY_CONFIG, TrackedMetrics, run, tiny_config
 
 from levanter.main import simpo_plot
+from levanter.simpo.results import picture as run_picture
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -36,8 +37,8 @@ def test_tiny_run_writes_its_picture_from_its_metrics(tmp_path, capsys):
     with contextlib.chdir(REPO):
         config = tiny_config(tmp_path, *overrides, config_path=_small_config(tmp_path))
         tracked = TrackedMetrics()
-        # the progress lines and the picture's path are logged by simpo_plot
-        plot_log = logging.getLogger(simpo_plot.__name__)
+        # the progress lines and the picture's path are logged by the picture module
+        plot_log = logging.getLogger(run_picture.__name__)
         plot_log.addHandler(tracked)
         try:
             run(config, tracked)
@@ -45,19 +46,19 @@ def test_tiny_run_writes_its_picture_from_its_metrics(tmp_path, capsys):
             plot_log.removeHandler(tracked)
 
     run_dir = tmp_path / "logs" / "plot"
-    picture = run_dir / simpo_plot.PICTURE_FILE
+    picture = run_dir / run_picture.PICTURE_FILE
     data = picture.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
     assert f"SimPO run picture (10 series): {picture}" in tracked.messages
 
     # the recorded history is what the run logged through its configured (json_logger) tracker
-    series = simpo_plot.collect_series(run_dir / simpo_plot.HISTORY_FILE)
+    series = run_picture.collect_series(run_dir / run_picture.HISTORY_FILE)
     for name in ["train/loss", "train/rewards/accuracies", "eval/loss", "eval/logps/rejected"]:
         logged = {step: m[name] for step, m in tracked.by_step.items() if name in m}
         assert series[name] == logged
     assert sorted(series["train/loss"]) == list(range(6))
     assert sorted(series["eval/rewards/margins"]) == [2, 5]
-    drawn = simpo_plot.plot_series(series, tmp_path / "again.png", "again")
+    drawn = run_picture.plot_series(series, tmp_path / "again.png", "again")
     assert drawn == [
         "train/loss",
         "eval/loss",
@@ -89,4 +90,4 @@ def test_tiny_run_writes_its_picture_from_its_metrics(tmp_path, capsys):
     assert picture.read_bytes().startswith(PNG_SIGNATURE)
 
     assert simpo_plot.main([str(tmp_path)]) == 1
-    assert f"{tmp_path / simpo_plot.HISTORY_FILE} does not exist" in capsys.readouterr().err
+    assert f"{tmp_path / run_picture.HISTORY_FILE} does not exist" in capsys.readouterr().err

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from simpo_tiny_run import SharedSetup, TrackedMetrics, run, tiny_config, train_losses
 
-from levanter.main import simpo_checkpoints, train_simpo
-from levanter.main.simpo_checkpoints import RECORD, CheckpointMismatchError, NoUsableCheckpointError
-from levanter.main.simpo_divergence import DivergedTrainingError
+from levanter.main import train_simpo
+from levanter.simpo.run import checkpoints as simpo_checkpoints
+from levanter.simpo.run.checkpoints import RECORD, CheckpointMismatchError, NoUsableCheckpointError
+from levanter.simpo.run.divergence import DivergedTrainingError
 
 
 class Messages(logging.Handler):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from simpo_tiny_run import final_model, run, tiny_config
 
-from levanter.data.text.preference_splits import build_preference_splits
-from levanter.main.simpo_layouts import pair_layout
+from levanter.data.simpo.splits import build_preference_splits
+from levanter.simpo.objective.layouts import pair_layout
 from levanter.main.train_simpo import simpo_loss
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import draccus
 import jmp
 import pytest
-from levanter.data.text.preference_prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
 from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments import exp2101_simpo_ultrafeedback as exp

@@ -32,19 +32,17 @@ from levanter.adaptor import AdaptorConfig, AdaptorExportConfig, NoAdaptorConfig
 from levanter.callbacks import StepInfo
 from levanter.compat.hf_checkpoints import build_generation_config
 from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
-from levanter.data.text.preference_shared_prompt import PrefixSharedPairs
-from levanter.data.text.preference_splits import build_preference_splits
-from levanter.main.simpo_compilation_cache import with_compilation_cache
-from levanter.data.text.preference_stats import write_pair_stats
+from levanter.data.simpo.shared_prompt import PrefixSharedPairs
+from levanter.data.simpo.splits import build_preference_splits
+from levanter.simpo.run.compilation_cache import with_compilation_cache
+from levanter.data.simpo.stats import write_pair_stats
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
-from levanter.main import simpo_plot
-from levanter.main.simpo_export import export_tokenizer, generation_eos_token_ids
-from levanter.main.simpo_checkpoints import CheckpointRecords, resume_verified, training_identity
-from levanter.main.simpo_divergence import DivergenceConfig, DivergenceGuard
-from levanter.main.simpo_guard import NonFiniteGuard
-from levanter.main.simpo_eval import HeldOutEvaluator
-from levanter.main.simpo_length_diagnostics import length_diagnostics as simpo_length_metrics
-from levanter.main.simpo_layouts import (
+from levanter.simpo.results.export import export_tokenizer, generation_eos_token_ids
+from levanter.simpo.run.checkpoints import CheckpointRecords, resume_verified, training_identity
+from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
+from levanter.simpo.run.nonfinite import NonFiniteGuard
+from levanter.simpo.results.evaluation import HeldOutEvaluator
+from levanter.simpo.objective.layouts import (
     PairLayout,
     PairLayoutName,
     Side,
@@ -55,7 +53,9 @@ from levanter.main.simpo_layouts import (
     resolve_pair_layout,
     trainer_in_rows,
 )
-from levanter.main.simpo_run import RunLifecycle, validate_run_settings
+from levanter.simpo.objective.loss import LossType, _average_logp, simpo_loss, simpo_loss_from_logps
+from levanter.simpo.results import picture
+from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
 from levanter.metrics import Metric, ReductionType
 from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig, LmHeadModel
@@ -66,8 +66,8 @@ from levanter.utils.jax_utils import parameter_count
 
 logger = logging.getLogger(__name__)
 
-LossType = Literal["sigmoid", "hinge"]
-
+# the objective's public names, where users and the plan import them from
+__all__ = ["LossType", "TrainSimpoConfig", "_average_logp", "main", "simpo_loss", "simpo_loss_from_logps"]
 
 @dataclass
 class TrainSimpoConfig:
@@ -92,7 +92,7 @@ class TrainSimpoConfig:
     initialize_from_checkpoint_path: Optional[str] = None
 
     pair_layout: PairLayoutName = "auto"
-    """How pairs fill the sequences (``levanter.main.simpo_layouts``): ``padded`` is one pair per chosen/rejected
+    """How pairs fill the sequences (``levanter.simpo.objective.layouts``): ``padded`` is one pair per chosen/rejected
     row pair; ``packed`` puts up to ``max_pairs_per_row`` pairs in each row pair as attention segments, positions
     restarting at each pair; ``shared_prompt`` puts up to ``max_pairs_per_row`` pairs in one row each as
     ``prompt, chosen, rejected``, the prompt run once; ``auto`` takes the fastest of these for the platform (the
@@ -170,120 +170,6 @@ def validate_config(config: TrainSimpoConfig) -> None:
     validate_run_settings(config)
 
 
-def _as_array(x: hax.NamedArray | jnp.ndarray) -> jnp.ndarray:
-    return x.array if isinstance(x, hax.NamedArray) else jnp.asarray(x)
-
-
-def _pair_mean(values: jnp.ndarray, weight: jnp.ndarray) -> Metric:
-    # value and count fold separately, so microbatches and eval batches average over pairs exactly
-    weight = weight.astype(jnp.float32)
-    return Metric(_value=jnp.sum(values.astype(jnp.float32) * weight), _count=jnp.sum(weight))
-
-
-def simpo_loss_from_logps(
-    avg_logp_chosen: hax.NamedArray | jnp.ndarray,
-    avg_logp_rejected: hax.NamedArray | jnp.ndarray,
-    *,
-    beta: float,
-    gamma_beta_ratio: float,
-    loss_type: LossType = "sigmoid",
-    label_smoothing: float = 0.0,
-    pair_weight: hax.NamedArray | jnp.ndarray | None = None,
-) -> tuple[jnp.ndarray, dict[str, Metric]]:
-    """Mean SimPO loss over pairs from their length-normalised log-probs, with the reference trainer's metrics.
-
-    ``pair_weight`` (1 or 0 per pair) leaves pairs out of the loss and metrics: the loss of a batch whose pairs
-    all have weight 0 is 0.
-    """
-    chosen = _as_array(avg_logp_chosen).astype(jnp.float32)
-    rejected = _as_array(avg_logp_rejected).astype(jnp.float32)
-    weight = jnp.ones_like(chosen) if pair_weight is None else _as_array(pair_weight).astype(jnp.float32)
-    logits = chosen - rejected - gamma_beta_ratio
-    if loss_type == "sigmoid":
-        # softplus(-x) == -log sigmoid(x), finite for any x
-        losses = (1 - label_smoothing) * jax.nn.softplus(-beta * logits) + label_smoothing * jax.nn.softplus(
-            beta * logits
-        )
-    elif loss_type == "hinge":
-        losses = jax.nn.relu(1 - beta * logits)
-    else:
-        raise ValueError(f"Unknown loss_type {loss_type!r}")
-    loss = jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-
-    def mean(values):
-        return _pair_mean(values, weight)
-
-    chosen_reward, rejected_reward = beta * chosen, beta * rejected
-    # the reference trainer's and TRL's names where they have one; simpo_* only for what they do not log
-    metrics = {
-        "simpo_loss": mean(losses),
-        "simpo_margin": mean(chosen - rejected),
-        "simpo_accuracy": mean(logits > 0),
-        "rewards/chosen": mean(chosen_reward),
-        "rewards/rejected": mean(rejected_reward),
-        "rewards/margins": mean(chosen_reward - rejected_reward),
-        "rewards/accuracies": mean(chosen_reward > rejected_reward),
-        "logps/chosen": mean(chosen),
-        "logps/rejected": mean(rejected),
-    }
-    return loss, metrics
-
-
-def _average_logp(logp_sum: hax.NamedArray, count: hax.NamedArray) -> hax.NamedArray:
-    """SimPO's length-normalised log-prob: a completion's summed log-prob over its number of trained tokens
-    (0 for a completion with none; callers leave such pairs out and count them)."""
-    return hax.where(count > 0, logp_sum / hax.maximum(count, 1), hax.zeros_like(logp_sum))
-
-
-def simpo_loss(
-    model: LmHeadModel,
-    example: DpoExample | PrefixSharedPairs,
-    *,
-    layout: PairLayout,
-    beta: float,
-    gamma_beta_ratio: float,
-    loss_type: LossType = "sigmoid",
-    label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
-    length_diagnostics: bool = False,
-    key=None,
-) -> tuple[jnp.ndarray, dict[str, Metric]]:
-    """The training objective on a batch of rows laid out by ``layout``: one forward pass over chosen and
-    rejected together, the mean over pairs whatever the layout, plus the model's auxiliary loss once.
-    ``length_diagnostics`` adds the held-out length-bias metrics (``simpo_length_diagnostics``)."""
-    logps = layout.logps(model, example, key=key)
-    avg = _average_logp(logps.sum, logps.count)
-    # a side with no trained token has no average; empty slots (the loader's padding pairs at the end of an eval
-    # set, unused pair slots of packed rows) have none on either side and are not pairs at all
-    trainable = hax.all(logps.count > 0, axis=Side).array
-    half_empty = hax.any(logps.count > 0, axis=Side).array & ~trainable
-    loss, metrics = simpo_loss_from_logps(
-        avg[Side, 0],
-        avg[Side, 1],
-        beta=beta,
-        gamma_beta_ratio=gamma_beta_ratio,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        pair_weight=trainable,
-    )
-    metrics["simpo_skipped_pairs"] = Metric.from_value(jnp.sum(half_empty).astype(jnp.float32), ReductionType.SUM)
-    for side, name in ((0, "chosen"), (1, "rejected")):
-        # the mean logit over the vocabulary, per trained token of the side (the reference's logits/*)
-        tokens = hax.sum(logps.count[Side, side]).array
-        metrics[f"logits/{name}"] = Metric(_value=hax.sum(logps.logit_sum[Side, side]).array, _count=tokens)
-    if length_diagnostics:
-        chosen, rejected = logps.count[Side, 0].array, logps.count[Side, 1].array
-        margin = beta * (avg[Side, 0] - avg[Side, 1]).array
-        metrics |= simpo_length_metrics(chosen, rejected, margin, trainable)
-    if sft_weight > 0:
-        # the reference trainer's SFT term: cross-entropy averaged over all chosen tokens, not per pair
-        chosen_tokens = hax.sum(logps.count[Side, 0]).array
-        sft = -hax.sum(logps.sum[Side, 0]).array / jnp.maximum(chosen_tokens, 1.0)
-        loss = loss + sft_weight * sft
-        metrics["simpo_sft_loss"] = Metric(_value=sft * chosen_tokens, _count=chosen_tokens)
-    return loss + logps.aux_loss, metrics
-
-
 def _restore_from_partial_checkpoint(checkpointed: LmHeadModel, source: LmHeadModel, trainable_filter):
     return eqx.combine(trainables_only(checkpointed, trainable_filter), source)
 
@@ -306,7 +192,7 @@ def main(config: TrainSimpoConfig):
     eval_parallelism_set = config.trainer.per_device_eval_parallelism != -1
     levanter.trainer.initialize(config)
     # every step's metrics to the run directory and a loss/accuracy progress line, whatever the trackers
-    run_dir = simpo_plot.record_run(config.trainer)
+    run_dir = picture.record_run(config.trainer)
     optimizer = config.optimizer.build(config.trainer.num_train_steps)
 
     train_length = config.train_seq_len if config.train_seq_len is not None else config.model.max_seq_len
@@ -501,7 +387,7 @@ def main(config: TrainSimpoConfig):
         if trainer.config.checkpointer is not None:
             trainer.config.checkpointer.create(trainer.run_id).wait_until_finished()
         # before the trackers finish, which receive it as an artifact
-        simpo_plot.write_run_picture(run_dir)
+        picture.write_run_picture(run_dir)
 
     run.report()
     if evaluator is not None and evaluator.latest:

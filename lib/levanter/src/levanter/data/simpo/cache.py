@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """A built ``preference_prompt_completion`` cache, as the trainer opens it.
 
-The cache builder has already made every per-pair decision (``levanter.data.text.preference_pair_build``);
+The cache builder has already made every per-pair decision (``levanter.data.simpo.pair_build``);
 opening a split reads only the small ``pair_info`` field (a few integers a row): which rows train, which were
 dropped and why, the statistics, and whether a malformed row stops the run. The token fields are read by
 Levanter's ``PreferencePairDataset`` through ``pair_fields_view``, which opens nothing else.
@@ -17,10 +17,10 @@ import numpy as np
 from levanter.store.cache import TreeCache
 from levanter.tokenizers import MarinTokenizer
 
-from .preference_pair_build import PAIR_INFO, STATUS_ERROR
-from .preference_prompt_completion import PromptCompletionPreferenceFormat
-from .preference_rows import PreferenceRowError, RowDrop
-from .preference_stats import PreferencePairStats
+from .pair_build import PAIR_INFO, STATUS_ERROR
+from .prompt_completion import PromptCompletionPreferenceFormat
+from .rows import PreferenceRowError, RowDrop
+from .stats import PreferencePairStats
 
 logger = logging.getLogger(__name__)
 

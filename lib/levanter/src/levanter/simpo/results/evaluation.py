@@ -1,14 +1,14 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
 """Held-out evaluation of a SimPO run: the loss and its metrics as exact means over the held-out pairs, and the
-length diagnostics (``levanter.main.simpo_length_diagnostics``)."""
+length diagnostics (``levanter.simpo.results.length_diagnostics``)."""
 
 import equinox as eqx
 
 import levanter.tracker
 from levanter import callbacks
 from levanter.callbacks import StepInfo
-from levanter.main.simpo_length_diagnostics import finish_length_diagnostics
+from levanter.simpo.results.length_diagnostics import finish_length_diagnostics
 from levanter.trainer import Trainer
 
 

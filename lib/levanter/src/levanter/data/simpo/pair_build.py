@@ -8,7 +8,7 @@ once, when the cache is built, and the cache holds exactly what trains:
 1. ``pair_sides``: both sequences and their trained positions under the ``|y|`` definition;
 2. ``sequence_problem``: exactly one BOS, at position 0, and a completion that ends with EOS or an end-of-turn
    token found nowhere else in it; a violation is a malformed row (the run stops and names it);
-3. ``cut_pair``: the reference trainer's budgets (``levanter.data.text.preference_truncation``);
+3. ``cut_pair``: the reference trainer's budgets (``levanter.data.simpo.truncation``);
 4. drops, counted by reason: a completion left without a trained token, or two completions that train on the
    same tokens after the cut.
 """
@@ -19,8 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from .preference_rows import PreferenceRowError, RowDrop
-from .preference_truncation import CutPair, PairSide, TruncationBudget, cut_pair
+from .rows import PreferenceRowError, RowDrop
+from .truncation import CutPair, PairSide, TruncationBudget, cut_pair
 
 CompletionTokens = Literal["final_turn", "generation"]
 

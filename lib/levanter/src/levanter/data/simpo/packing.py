@@ -24,7 +24,7 @@ from levanter.data.text.preference import DpoExample
 from levanter.layers.attention import AttentionMask
 from levanter.models.lm_model import LmExample
 
-from .preference_cache import CachedPairs
+from .cache import CachedPairs
 
 T = TypeVar("T")
 

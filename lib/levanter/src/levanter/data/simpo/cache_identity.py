@@ -16,7 +16,7 @@ it holds. Around Levanter's cache builder (``build_caches``), for each component
   ``cache_contents.json``, the same for every file of the cache.
 
 The format settings, tokenizer and chat template are the other half of a cache's identity; they are in the
-cache's ledger and checked when it is opened (``levanter.data.text.preference_cache``).
+cache's ledger and checked when it is opened (``levanter.data.simpo.cache``).
 """
 
 import hashlib
@@ -30,7 +30,7 @@ from levanter.data.text.datasets import UrlDatasetSourceConfig, _component_cache
 from levanter.data.text.preference import PreferenceLmDataConfig
 from levanter.store.cache import TreeCache
 
-from .preference_sources import _display_name, build_caches_naming_bad_lines
+from .sources import _display_name, build_caches_naming_bad_lines
 
 logger = logging.getLogger(__name__)
 

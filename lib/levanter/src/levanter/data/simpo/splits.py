@@ -20,12 +20,12 @@ from levanter.data.text.preference import PreferenceLmDataConfig, PreferencePair
 from levanter.schedule import BatchSchedule
 from levanter.store.cache import TreeCache
 
-from .preference_cache import CachedPairs, open_cached_pairs
-from .preference_pair_packing import PackedPairDataset, first_fit_decreasing
-from .preference_prompt_completion import PromptCompletionPreferenceFormat
-from .preference_shared_prompt import SharedPromptPairDataset
-from .preference_cache_identity import build_identified_caches, recorded_identity
-from .preference_stats import PreferencePairStats
+from .cache import CachedPairs, open_cached_pairs
+from .packing import PackedPairDataset, first_fit_decreasing
+from .prompt_completion import PromptCompletionPreferenceFormat
+from .shared_prompt import SharedPromptPairDataset
+from .cache_identity import build_identified_caches, recorded_identity
+from .stats import PreferencePairStats
 
 logger = logging.getLogger(__name__)
 

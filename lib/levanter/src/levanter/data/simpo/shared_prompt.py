@@ -16,8 +16,8 @@ import numpy as np
 from haliax import Axis, NamedArray
 
 
-from .preference_cache import CachedPairs
-from .preference_pair_packing import PairGroupDataset, first_fit_decreasing
+from .cache import CachedPairs
+from .packing import PairGroupDataset, first_fit_decreasing
 
 # roles of the positions of a shared-prompt row
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1

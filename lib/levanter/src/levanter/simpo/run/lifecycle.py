@@ -29,8 +29,8 @@ import fsspec
 import jax
 
 from levanter.callbacks import StepInfo
-from levanter.main.simpo_lease import RunLease
-from levanter.main.simpo_preemption import Preemption, RunPreempted
+from levanter.simpo.run.lease import RunLease
+from levanter.simpo.run.preemption import Preemption, RunPreempted
 
 logger = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@
 
 - ``padded``: Levanter's ``PreferencePairDataset``, one pair a row pair (chosen row, rejected row);
 - ``packed``: Levanter ``DpoExample``s of up to ``max_pairs_per_row`` pairs a row pair, grouped by first-fit
-  decreasing (``levanter.data.text.preference_pair_packing``); segment ids keep the pairs apart in attention, and
+  decreasing (``levanter.data.simpo.packing``); segment ids keep the pairs apart in attention, and
   positions restart at each pair, so every position embedding (rotary or absolute) sees what it would see for
   the pair alone;
 - ``shared_prompt``: one row of ``prompt, chosen, rejected`` per pair, several pairs a row
-  (``levanter.data.text.preference_shared_prompt``): the prompt runs once. Its attention needs an explicit mask
+  (``levanter.data.simpo.shared_prompt``): the prompt runs once. Its attention needs an explicit mask
   (the rejected completion sees the prompt, not the chosen one), which TPU's splash-attention kernel does not
   take, so there it falls back to reference attention;
 - ``auto`` (the default): the fastest of these for the platform and rows (``resolve_pair_layout``).
@@ -31,9 +31,9 @@ import numpy as np
 from haliax import Axis, NamedArray
 
 from levanter.data.text.preference import DpoExample
-from levanter.data.text.preference_cache import CachedPairs
-from levanter.data.text.preference_shared_prompt import CHOSEN, REJECTED, PrefixSharedPairs
-from levanter.data.text.preference_splits import PairRows, packed_pair_rows, padded_pair_rows, shared_prompt_rows
+from levanter.data.simpo.cache import CachedPairs
+from levanter.data.simpo.shared_prompt import CHOSEN, REJECTED, PrefixSharedPairs
+from levanter.data.simpo.splits import PairRows, packed_pair_rows, padded_pair_rows, shared_prompt_rows
 from levanter.layers.attention import AttentionMask
 from levanter.models.lm_model import LmExample, LmHeadModel, split_activations
 from levanter.models.loss import maybe_fused_next_token_loss

@@ -6,11 +6,11 @@ Levanter's ``preference_chat`` renders each transcript whole and trains the ``{%
 cannot tell the prompt from the completion, cannot cut an over-long pair the way the SimPO reference trainer
 does, and counts in ``|y|`` only what the template marks. This format renders the shared prompt on its own and
 each full transcript, so it knows where the prompt ends, and its cache builder makes every per-pair decision
-once (``levanter.data.text.preference_pair_build``):
+once (``levanter.data.simpo.pair_build``):
 
 - ``completion_tokens``, what ``|y|`` counts (``final_turn``: the reference trainer's; ``generation``:
   Levanter's chat mask);
-- the truncation budgets (``levanter.data.text.preference_truncation``);
+- the truncation budgets (``levanter.data.simpo.truncation``);
 - the checks and the drops.
 
 The cache holds the cut pairs in Levanter's preference fields, the trained positions as the
@@ -30,12 +30,12 @@ import numpy as np
 from levanter.data._preprocessor import BatchProcessor
 from levanter.tokenizers import MarinTokenizer, chat_template_has_generation_block
 
-from .formats import LmDatasetFormatBase
-from .preference import PreferenceChatLmDatasetFormat
-from .preference_chat_render import ChatRenderer, RowRendering
-from .preference_pair_build import STATUS_ERROR, CompletionTokens, PairPolicy, build_pair, cache_exemplar, cache_record
-from .preference_rows import PreferenceRowError, describe_row, parse_preference_row, special_token_pattern
-from .preference_truncation import TruncationBudget, TruncationMode
+from levanter.data.text.formats import LmDatasetFormatBase
+from levanter.data.text.preference import PreferenceChatLmDatasetFormat
+from .chat_render import ChatRenderer, RowRendering
+from .pair_build import STATUS_ERROR, CompletionTokens, PairPolicy, build_pair, cache_exemplar, cache_record
+from .rows import PreferenceRowError, describe_row, parse_preference_row, special_token_pattern
+from .truncation import TruncationBudget, TruncationMode
 
 
 @LmDatasetFormatBase.register_subclass("preference_prompt_completion")

@@ -12,7 +12,7 @@ field is broken in a way no drop would explain to a user. Rows that are well for
 the cache with a reason code and left out of training; the data set counts and logs them by
 source row index (Levanter's ``PreferenceChatProcessor`` instead skips empty rows with a per-batch warning,
 which shifts every later row's index and leaves no count). The cache builder adds the drops that only show
-after tokenization and cuts (``levanter.data.text.preference_pair_build``).
+after tokenization and cuts (``levanter.data.simpo.pair_build``).
 """
 
 import enum

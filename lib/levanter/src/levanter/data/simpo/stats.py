@@ -9,8 +9,8 @@ import json
 import fsspec
 import numpy as np
 
-from .preference_pair_build import PAIR_INFO
-from .preference_rows import RowDrop
+from .pair_build import PAIR_INFO
+from .rows import RowDrop
 
 
 @dataclasses.dataclass(frozen=True)
