@@ -14,13 +14,16 @@ from datetime import timedelta
 
 import jmp
 from fray.types import GpuConfig, ResourceConfig
+from rigging.filesystem.storage_path import prefix_join
+
+from experiments.simple_simpo_config import SimpleSimPOConfig
 from haliax.partitioning import ResourceAxis
 from levanter.adaptor import NoAdaptorConfig
 from levanter.checkpoint import CheckpointerConfig
-from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
-from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
 from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.simpo.splits import num_validation_pairs
+from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
+from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
 from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.models.lm_model import LmConfig
 from levanter.optim.config import AdamConfig
@@ -30,8 +33,6 @@ from levanter.tokenizers import load_tokenizer
 from levanter.tracker.wandb import WandbConfig
 from levanter.trainer import TrainerConfig
 from levanter.utils.mesh import MeshConfig
-
-from experiments.simple_simpo_config import SimpleSimPOConfig
 from marin.execution.artifact import Artifact
 from marin.execution.build_context import resolve_version
 from marin.execution.lazy import ArtifactStep, StepContext
@@ -41,7 +42,6 @@ from marin.experiment.namespacing import user_namespaced_name
 from marin.experiment.train import MARIN_PRECISION
 from marin.processing.tokenize.cache_stats import read_tokenized_cache_stats
 from marin.processing.tokenize.tokenize import TokenizeConfig, TokenizedCache, tokenize
-from rigging.filesystem.storage_path import prefix_join
 from marin.training.simpo import TrainSimpoOnPodConfig, run_levanter_train_simpo
 from marin.training.training import LevanterCheckpoint, resolve_training_env
 
@@ -143,8 +143,11 @@ def _training_format(
     """The cache's recorded format, whose |y| definition and budgets must be the run's: they were applied when
     the cache was built."""
     wanted = config.pair_format(recorded.chat_template)
-    differ = [f"{k}: cache {getattr(recorded, k)!r}, run {getattr(wanted, k)!r}" for k in _PAIR_SETTINGS
-              if getattr(recorded, k) != getattr(wanted, k)]
+    differ = [
+        f"{k}: cache {getattr(recorded, k)!r}, run {getattr(wanted, k)!r}"
+        for k in _PAIR_SETTINGS
+        if getattr(recorded, k) != getattr(wanted, k)
+    ]
     if differ:
         raise ValueError(
             "the preference cache was built with other pair settings than this run's (" + "; ".join(differ) + "); "
@@ -168,7 +171,9 @@ def _with_training_format(name: str, component: DatasetComponent, config: Simple
 def _fingerprint_component(cache_dir: str, config: SimpleSimPOConfig) -> DatasetComponent:
     # No cache record exists at fingerprint time; the dataset's identity is its name@version.
     data_format = config.pair_format()
-    source = UrlDatasetSourceConfig(tags=[], train_urls=[], validation_urls=[], cache_dir=cache_dir, format=data_format)
+    source = UrlDatasetSourceConfig(
+        tags=[], train_urls=[], validation_urls=[], cache_dir=cache_dir, format=data_format
+    )
     return DatasetComponent(source=source, cache_dir=cache_dir, format=data_format, tags=[])
 
 
@@ -198,7 +203,9 @@ def _preference_data(
     return dataclasses.replace(data, components=components)
 
 
-def _num_train_steps(ctx: StepContext, train: ArtifactStep[TokenizedPreferenceCache], config: SimpleSimPOConfig) -> int:
+def _num_train_steps(
+    ctx: StepContext, train: ArtifactStep[TokenizedPreferenceCache], config: SimpleSimPOConfig
+) -> int:
     if config.num_train_steps is not None:
         return config.num_train_steps
     assert config.num_train_epochs is not None
@@ -229,7 +236,8 @@ def _check_lengths(name: str, model_config: LmConfig, config: SimpleSimPOConfig)
     """Fail the graph build, not the pod, when the sequences cannot fit the model or the budgets cannot fit them."""
     if config.max_seq_len > model_config.max_seq_len:
         raise ValueError(
-            f"{name}: max_seq_len {config.max_seq_len} is longer than the model's max_seq_len {model_config.max_seq_len}"
+            f"{name}: max_seq_len {config.max_seq_len} is longer than the model's max_seq_len "
+            f"{model_config.max_seq_len}"
         )
     config.pair_format()  # raises when max_prompt_length leaves no room
 

@@ -24,10 +24,10 @@ if __name__ == "__main__" and not __package__:
 
 import draccus
 from fray.types import ResourceConfig
-from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments.defaults import default_preference_tokenize, default_simpo
 from experiments.simple_simpo_config import SimpleSimPOConfig
+from levanter.main.train_simpo import TrainSimpoConfig
 from marin.execution.lazy import ArtifactStep
 from marin.experiment.cli import experiment_main
 from marin.experiment.data import hf_download

@@ -10,13 +10,14 @@ decay after 10% warmup); the loss variants (hinge, label smoothing, SFT term) ar
 from dataclasses import dataclass
 
 from fray.types import ResourceConfig
+
 from levanter.adaptor import LoraAdaptorConfig
 from levanter.data.simpo.prompt_completion import CompletionTokens, PromptCompletionPreferenceFormat
 from levanter.data.simpo.truncation import TruncationMode
-from levanter.simpo.objective.layouts import PairLayoutName
 from levanter.main.train_simpo import LossType, TrainSimpoConfig
 from levanter.optim.config import AdamConfig
 from levanter.schedule import IntSchedule
+from levanter.simpo.objective.layouts import PairLayoutName
 
 
 @dataclass(frozen=True)

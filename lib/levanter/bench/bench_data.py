@@ -3,6 +3,7 @@
 """The SimPO data path at scale: tokenization rows/s against Levanter's ``preference_chat`` and launch-to-first-batch
 data work on large pair caches. Called by ``bench_simpo.py`` (``--data-only`` runs only these sections)."""
 
+import functools
 import json
 import os
 import tempfile
@@ -12,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from levanter.data.text.preference import PreferenceChatLmDatasetFormat
 from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.text.preference import PreferenceChatLmDatasetFormat
 from levanter.tokenizers import MarinTokenizer, load_tokenizer
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -30,6 +31,10 @@ SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "
 TEXT_MEANS = {"prompt": 170, "chosen": 320, "rejected": 280}
 TEXT_SIGMA = {"prompt": 0.9, "chosen": 0.7, "rejected": 0.75}
 WORDS_PER_TOKEN = 0.53  # of the generated text under bpe_tokenizer (the table prints the measured token lengths)
+
+
+def _rows(layout, Pos, pairs, kept):
+    return layout.rows(pairs, kept, Pos)
 
 
 def _lexicon(n: int, rng: np.random.Generator) -> list[str]:
@@ -52,7 +57,7 @@ class TextGenerator:
     def words_of(self, n: int) -> str:
         words = self.rng.choice(self.words, n, p=self.p)
         out = []
-        for i, w in enumerate(words):
+        for w in words:
             out.append(str(w))
             r = self.rng.random()
             if r < 0.06:
@@ -171,7 +176,6 @@ if __name__ == "__main__":
     print(tokenization_table(512, repeats=1), os.getloadavg())
 
 
-
 def write_pair_cache(path: str, n_pairs: int, metadata: dict, seed: int = 0, chunk: int = 20_000) -> float:
     """``n_pairs`` synthetic pairs in the SimPO cache format (``pair_info`` beside the tokens, as the cache builder
     writes them) with a tenth of UltraFeedback's lengths, so a million pairs take ~1 GB; returns seconds."""
@@ -215,11 +219,11 @@ def startup_seconds(n_pairs: int, layouts: dict, root: str, seq_len: int = 2048,
     (open the cache, lay the pairs out in rows, hold out, shuffle, mix) and the first training batch, per layout
     (``{name: PairLayout}``); a fresh process would pay the same."""
     import jax.random as jrandom
-    from haliax import Axis
 
+    from haliax import Axis
+    from levanter.data.simpo.splits import build_preference_splits
     from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig, _component_cache_path
     from levanter.data.text.preference import PreferenceLmDataConfig
-    from levanter.data.simpo.splits import build_preference_splits
     from levanter.schedule import BatchSchedule
 
     tokenizer_dir = str(Path(tempfile.gettempdir()) / "bench_simpo_bpe100k")
@@ -243,7 +247,10 @@ def startup_seconds(n_pairs: int, layouts: dict, root: str, seq_len: int = 2048,
     for name, layout in layouts.items():
         start = time.perf_counter()
         splits = build_preference_splits(
-            config, lambda pairs, kept: layout.rows(pairs, kept, Pos), seq_len=seq_len, key=jrandom.PRNGKey(0),
+            config,
+            functools.partial(_rows, layout, Pos),
+            seq_len=seq_len,
+            key=jrandom.PRNGKey(0),
             validation_split_fraction=0.005,
         )
         built = time.perf_counter() - start

@@ -32,27 +32,27 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import bench_data  # noqa: E402
 import equinox as eqx  # noqa: E402
-import haliax as hax  # noqa: E402
 import jax  # noqa: E402
 import jax.random as jrandom  # noqa: E402
 import jmp  # noqa: E402
 import numpy as np  # noqa: E402
-from haliax import Axis  # noqa: E402
 
-import bench_data  # noqa: E402
+import haliax as hax  # noqa: E402
+from haliax import Axis  # noqa: E402
 from levanter.callbacks.watch import WatchConfig  # noqa: E402
 from levanter.checkpoint import CheckpointerConfig  # noqa: E402
 from levanter.data.packing import pack_documents  # noqa: E402
-from levanter.data.text.preference import DpoExample  # noqa: E402
 from levanter.data.simpo.cache import CachedPairs  # noqa: E402
 from levanter.data.simpo.pair_build import PAIR_INFO, cache_exemplar  # noqa: E402
+from levanter.data.text.preference import DpoExample  # noqa: E402
 from levanter.dpo import DpoModel, dpo_loss  # noqa: E402
-from levanter.simpo.objective.layouts import PairLayout, pair_layout, resolve_pair_layout  # noqa: E402
 from levanter.main.train_simpo import simpo_loss  # noqa: E402
 from levanter.models.llama import LlamaConfig  # noqa: E402
 from levanter.models.lm_model import LmExample  # noqa: E402
 from levanter.optim.config import AdamConfig  # noqa: E402
+from levanter.simpo.objective.layouts import PairLayout, pair_layout, resolve_pair_layout  # noqa: E402
 from levanter.store.cache import SerialCacheWriter  # noqa: E402
 from levanter.tracker import NoopConfig  # noqa: E402
 from levanter.trainer import Trainer, TrainerConfig  # noqa: E402
@@ -130,7 +130,9 @@ def as_lm_batch(pairs: DpoExample) -> LmExample:
     )
 
 
-def simpo_fn(layout: PairLayout = pair_layout("padded", 1)):
+def simpo_fn(layout: PairLayout | None = None):
+    layout = layout if layout is not None else pair_layout("padded", 1)
+
     def loss(model, example, *, key=None):
         return simpo_loss(model, example, layout=layout, beta=2.0, gamma_beta_ratio=0.5, key=key)
 
@@ -204,7 +206,9 @@ def xla_flops(size: str, seq_len: int, data: DpoExample) -> dict[str, float]:
     return {
         "lm": loss_grad_flops(policy, lambda m, b: lm_loss(m, b).scalar(), as_lm_batch(data)),
         "simpo": loss_grad_flops(policy, lambda m, b: simpo_fn()(m, b)[0], data),
-        "dpo": loss_grad_flops(policy, lambda m, b: dpo_loss(m, inference_mode(reference, True), b, beta=0.1)[0], data),
+        "dpo": loss_grad_flops(
+            policy, lambda m, b: dpo_loss(m, inference_mode(reference, True), b, beta=0.1)[0], data
+        ),
     }
 
 
@@ -352,19 +356,26 @@ def main() -> None:
 
     device = jax.local_devices()[0]
     print(f"# SimPO benchmark  {datetime.datetime.now():%Y-%m-%d %H:%M}")
-    print(f"device: {device.platform} ({device.device_kind}), {jax.local_device_count()} device(s), {os.cpu_count()} CPUs")
+    print(
+        f"device: {device.platform} ({device.device_kind}), {jax.local_device_count()} device(s), "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"jax {jax.__version__}, load average at start {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f}")
     if not args.skip_data:
         data_sections(args, seq_len, pairs)
     if args.data_only:
         return
-    print(f"seq_len {seq_len}, {pairs} pairs = {2 * pairs} sequences per step, fp32, vocab {VOCAB.size}, "
-          f"median of {repeats} interleaved steps\n")
+    print(
+        f"seq_len {seq_len}, {pairs} pairs = {2 * pairs} sequences per step, fp32, vocab {VOCAB.size}, "
+        f"median of {repeats} interleaved steps\n"
+    )
 
     print("## Step time: SimPO vs Levanter LM step (same sequences) vs Levanter DPO step (reference model)\n")
-    print("| model | params | LM step s | SimPO step s | DPO step s | LM tok/s | SimPO tok/s | SimPO/LM tok/s "
-          "| DPO/SimPO time | SimPO / DPO peak MB | SimPO / DPO live MB | SimPO / DPO XLA step MB | ref weights MB "
-          "| load |")
+    print(
+        "| model | params | LM step s | SimPO step s | DPO step s | LM tok/s | SimPO tok/s | SimPO/LM tok/s "
+        "| DPO/SimPO time | SimPO / DPO peak MB | SimPO / DPO live MB | SimPO / DPO XLA step MB | ref weights MB "
+        "| load |"
+    )
     print("|" + "---|" * 14)
     data = full_length_pairs(pairs, seq_len)
     tokens = 2 * pairs * seq_len
@@ -389,8 +400,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for size in sizes:
         f = xla_flops(size, seq_len, data)
-        print(f"| {size} | {f['lm'] / 1e9:.2f} | {f['simpo'] / 1e9:.2f} | {f['dpo'] / 1e9:.2f} "
-              f"| {f['simpo'] / f['lm']:.3f} | {f['dpo'] / f['simpo']:.3f} |", flush=True)
+        print(
+            f"| {size} | {f['lm'] / 1e9:.2f} | {f['simpo'] / 1e9:.2f} | {f['dpo'] / 1e9:.2f} "
+            f"| {f['simpo'] / f['lm']:.3f} | {f['dpo'] / f['simpo']:.3f} |",
+            flush=True,
+        )
 
     padding_section()
     default_path_section(sizes[-1] if args.quick else "small", args.quick, repeats)
@@ -405,13 +419,17 @@ def padding_section() -> None:
     Pos = Axis("position", full_len)
     k = 8
     print("\n## Real tokens on UltraFeedback-like lengths (Levanter's stack vs packed pairs vs shared prompt)\n")
-    print(f"{n_pairs} synthetic pairs at seq_len {full_len}: mean prompt {cache.column('prompt_length').mean():.0f}, "
-          f"chosen {cache.column('chosen_trained').mean():.0f}, rejected {cache.column('rejected_trained').mean():.0f} "
-          f"tokens; rows count sequences of seq_len\n")
+    print(
+        f"{n_pairs} synthetic pairs at seq_len {full_len}: mean prompt {cache.column('prompt_length').mean():.0f}, "
+        f"chosen {cache.column('chosen_trained').mean():.0f}, rejected {cache.column('rejected_trained').mean():.0f} "
+        f"tokens; rows count sequences of seq_len\n"
+    )
     print("| layout | rows | real-token fraction | padding fraction | target |")
     print("|---|---|---|---|---|")
-    built = {name: pair_layout(name, n).rows(cache, cache.kept, Pos)
-             for name, n in (("padded", 1), ("packed", k), ("shared_prompt", k))}
+    built = {
+        name: pair_layout(name, n).rows(cache, cache.kept, Pos)
+        for name, n in (("padded", 1), ("packed", k), ("shared_prompt", k))
+    }
     # what the packed layout was before first-fit decreasing: Levanter's greedy prepacking of consecutive pairs
     greedy = pack_documents(
         {"chosen": cache.column("chosen_length")[cache.kept], "rejected": cache.column("rejected_length")[cache.kept]},
@@ -419,13 +437,30 @@ def padding_section() -> None:
         max_segments_per_example=k,
     )
     table = [
-        ("Levanter padded (each side padded)", 2 * len(built["padded"].pairs_per_row), built["padded"].real_tokens, ""),
-        (f"Levanter greedy prepacking of consecutive pairs, <= {k} pairs/row", 2 * len(greedy),
-         built["padded"].real_tokens, ""),
-        (f"packed (first-fit decreasing), <= {k} pairs/row", 2 * len(built["packed"].pairs_per_row),
-         built["packed"].real_tokens, "<= 10% padding"),
-        (f"shared_prompt (first-fit decreasing), <= {k} pairs/row", len(built["shared_prompt"].pairs_per_row),
-         built["shared_prompt"].real_tokens, "<= 10% padding"),
+        (
+            "Levanter padded (each side padded)",
+            2 * len(built["padded"].pairs_per_row),
+            built["padded"].real_tokens,
+            "",
+        ),
+        (
+            f"Levanter greedy prepacking of consecutive pairs, <= {k} pairs/row",
+            2 * len(greedy),
+            built["padded"].real_tokens,
+            "",
+        ),
+        (
+            f"packed (first-fit decreasing), <= {k} pairs/row",
+            2 * len(built["packed"].pairs_per_row),
+            built["packed"].real_tokens,
+            "<= 10% padding",
+        ),
+        (
+            f"shared_prompt (first-fit decreasing), <= {k} pairs/row",
+            len(built["shared_prompt"].pairs_per_row),
+            built["shared_prompt"].real_tokens,
+            "<= 10% padding",
+        ),
     ]
     for label, n_rows, real, target in table:
         fraction = real / (n_rows * full_len)
@@ -468,13 +503,19 @@ def default_path_section(size: str, quick: bool, repeats: int) -> None:
         flops[name] = step_flops(steppers[name], variant, layout)
     t = interleaved_medians(steppers, repeats)
 
-    print("\n## Default path against Levanter DPO and the LM step (UltraFeedback-like pairs, same rows x seq_len "
-          "per step)\n")
-    print(f"model {size}, seq_len {lay_len}, {len(cache.kept)} pairs with lengths scaled by {scale:.3f}; the "
-          f"default: {default} ({reason}); pairs/step and real tokens are the mean over all of a layout's rows (the "
-          f"timed batch: evenly spaced rows), median of {repeats} interleaved steps, load {os.getloadavg()[0]:.1f}\n")
-    print("| variant | rows x seq | pairs/step | step s | pairs/s | real tokens/s | real tokens / position "
-          "| target | pairs/s vs DPO | target | XLA GFLOP/pair |")
+    print(
+        "\n## Default path against Levanter DPO and the LM step (UltraFeedback-like pairs, same rows x seq_len "
+        "per step)\n"
+    )
+    print(
+        f"model {size}, seq_len {lay_len}, {len(cache.kept)} pairs with lengths scaled by {scale:.3f}; the "
+        f"default: {default} ({reason}); pairs/step and real tokens are the mean over all of a layout's rows (the "
+        f"timed batch: evenly spaced rows), median of {repeats} interleaved steps, load {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| variant | rows x seq | pairs/step | step s | pairs/s | real tokens/s | real tokens / position "
+        "| target | pairs/s vs DPO | target | XLA GFLOP/pair |"
+    )
     print("|" + "---|" * 11)
     measured = {}
     for name, (_, _, _, rows, n, per_row) in variants.items():
@@ -483,19 +524,23 @@ def default_path_section(size: str, quick: bool, repeats: int) -> None:
         fill = rows.real_tokens / (len(rows.pairs_per_row) * per_row * lay_len)
         measured[name] = (pairs_step, real_step, fill)
     base = measured["dpo"][0] / t["dpo"]
-    for name, (label, _, _, rows, n, per_row) in variants.items():
+    for name, (label, _, _, _, n, per_row) in variants.items():
         pairs_step, real_step, fill = measured[name]
         target = ">= 0.9" if name == default else ""
         ratio_target = ">= 3.5x" if name == default else ""
-        print(f"| {label} | {n * per_row} x {lay_len} | {pairs_step:.1f} | {t[name]:.3f} | {pairs_step / t[name]:.1f} "
-              f"| {real_step / t[name]:.0f} | {fill:.3f} | {target} | {pairs_step / t[name] / base:.2f}x "
-              f"| {ratio_target} | {flops[name] / pairs_step / 1e9:.3f} |", flush=True)
+        print(
+            f"| {label} | {n * per_row} x {lay_len} | {pairs_step:.1f} | {t[name]:.3f} | {pairs_step / t[name]:.1f} "
+            f"| {real_step / t[name]:.0f} | {fill:.3f} | {target} | {pairs_step / t[name] / base:.2f}x "
+            f"| {ratio_target} | {flops[name] / pairs_step / 1e9:.3f} |",
+            flush=True,
+        )
 
 
 def step_flops(stepper: Stepper, variant: str, layout: PairLayout | None) -> float:
     """XLA's FLOPs for the loss and gradient of a stepper's batch (a load-independent check of its step time)."""
     model, batch = stepper.state.model, stepper.batch
     if variant == "dpo":
+
         def loss(m, b):
             return dpo_loss(m, inference_mode(b[0], True), b[1], beta=0.1)[0]
 
@@ -511,17 +556,25 @@ def data_sections(args, seq_len: int, pairs: int) -> None:
     t = bench_data.tokenization_table(args.token_rows)[0]
     rates = t["rates"]
     ours, theirs = rates["ours preference_prompt_completion"], rates["levanter preference_chat"]
-    print(f"byte-level BPE of {t['vocab']} tokens trained here on generated text (built or loaded in "
-          f"{t['tokenizer_s']:.0f} s), Llama-3 chat template; {t['rows']} UltraFeedback-like rows (20% multi-turn), mean transcript "
-          f"{t['mean_chosen_tokens']:.0f} tokens, median of 3 interleaved passes\n")
+    print(
+        f"byte-level BPE of {t['vocab']} tokens trained here on generated text (built or loaded in "
+        f"{t['tokenizer_s']:.0f} s), Llama-3 chat template; {t['rows']} UltraFeedback-like rows (20% multi-turn), "
+        "mean transcript "
+        f"{t['mean_chosen_tokens']:.0f} tokens, median of 3 interleaved passes\n"
+    )
     print("| preprocessor | rows/s | vs preference_chat | target | load |")
     print("|---|---|---|---|---|")
     print(f"| Levanter preference_chat | {theirs:.0f} | 1.00x | | {os.getloadavg()[0]:.1f} |")
-    print(f"| SimPO preference_prompt_completion | {ours:.0f} | {ours / theirs:.2f}x | >= 1.00x "
-          f"| {os.getloadavg()[0]:.1f} |\n", flush=True)
+    print(
+        f"| SimPO preference_prompt_completion | {ours:.0f} | {ours / theirs:.2f}x | >= 1.00x "
+        f"| {os.getloadavg()[0]:.1f} |\n",
+        flush=True,
+    )
 
-    print("## Start-up: launch-to-first-batch data work on an existing cache (build_preference_splits + first "
-          "training batch of 64 rows), seq_len 2048\n")
+    print(
+        "## Start-up: launch-to-first-batch data work on an existing cache (build_preference_splits + first "
+        "training batch of 64 rows), seq_len 2048\n"
+    )
     print("| pairs | layout | splits s | first batch s | data work s | target | load |")
     print("|---|---|---|---|---|---|---|")
     layouts = {"padded": pair_layout("padded", 1), "packed": pair_layout("packed", 8)}
@@ -531,15 +584,21 @@ def data_sections(args, seq_len: int, pairs: int) -> None:
             s = r[name]
             total = s["splits_s"] + s["first_batch_s"]
             target = "<= 60 s" if n >= 1_000_000 else ""
-            print(f"| {n:,} | {name} | {s['splits_s']:.1f} | {s['first_batch_s']:.1f} | {total:.1f} | {target} "
-                  f"| {os.getloadavg()[0]:.1f} |", flush=True)
+            print(
+                f"| {n:,} | {name} | {s['splits_s']:.1f} | {s['first_batch_s']:.1f} | {total:.1f} | {target} "
+                f"| {os.getloadavg()[0]:.1f} |",
+                flush=True,
+            )
 
     print("\n## Time to first step, first and second start (fresh processes, one persistent compilation cache)\n")
     first, second = first_step_starts("tiny", seq_len, pairs)
     print("| model | first start s | second start s | second / first | load |")
     print("|---|---|---|---|---|")
-    print(f"| tiny, seq {seq_len}, {pairs} pairs | {first:.1f} | {second:.1f} | {second / first:.2f} "
-          f"| {os.getloadavg()[0]:.1f} |\n", flush=True)
+    print(
+        f"| tiny, seq {seq_len}, {pairs} pairs | {first:.1f} | {second:.1f} | {second / first:.2f} "
+        f"| {os.getloadavg()[0]:.1f} |\n",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

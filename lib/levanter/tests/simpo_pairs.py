@@ -4,13 +4,13 @@
 completions of different lengths, masked and segmented the way ``PreferencePairDataset`` serves one pair a row
 (the ``padded`` layout, ``PADDED``)."""
 
-import haliax as hax
 import jax.numpy as jnp
 import numpy as np
 
+import haliax as hax
 from levanter.data.text.preference import DpoExample
-from levanter.simpo.objective.layouts import pair_layout
 from levanter.models.lm_model import LmExample
+from levanter.simpo.objective.layouts import pair_layout
 
 PADDED = pair_layout("padded", 1)
 

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import draccus
 import equinox as eqx
-import haliax as hax
 import jax
 import jax.random as jrandom
 import numpy as np
 import yaml
 
+import haliax as hax
 import levanter.checkpoint
 from levanter.main import train_simpo
-from levanter.simpo.objective import layouts as simpo_layouts
 from levanter.main.train_simpo import TrainSimpoConfig
+from levanter.simpo.objective import layouts as simpo_layouts
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_CONFIG = REPO / "lib/levanter/config/simpo_tiny_gpt2.yaml"

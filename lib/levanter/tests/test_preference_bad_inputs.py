@@ -10,14 +10,13 @@ from pathlib import Path
 
 import draccus
 import pytest
-from haliax import Axis
+from preference_build import build_and_check
 from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_style_tokenizer, preference_row
 
-from preference_build import build_and_check
-
+from haliax import Axis
 from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
-from levanter.data.simpo.splits import num_validation_pairs
 from levanter.data.simpo.rows import PreferenceRowError
+from levanter.data.simpo.splits import num_validation_pairs
 from levanter.main import train_simpo
 from levanter.main.train_simpo import TrainSimpoConfig, validate_config
 

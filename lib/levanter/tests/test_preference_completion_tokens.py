@@ -6,8 +6,8 @@ dropped rather than trusted."""
 
 import re
 
-import pytest
 import numpy as np
+import pytest
 from preference_build import build_and_check, build_records
 from preference_chat_fixtures import BOS, EOS, EOT, LLAMA3_TEMPLATE, llama3_style_tokenizer, preference_row
 
@@ -114,7 +114,9 @@ def test_a_template_ending_turns_twice_fails(tokenizer):
     # the template, not the text, writes a second end-of-turn token: every row would be wrong, so the build stops
     doubled = LLAMA3_TEMPLATE.replace("<|eot_id|>{% endgeneration %}", "<|eot_id|><|eot_id|>{% endgeneration %}")
     _raises_for_row(
-        tokenizer, [GOOD], rf"train row 0: .*chosen sequence: its completion holds '{re.escape(EOT)}' 2 times",
+        tokenizer,
+        [GOOD],
+        rf"train row 0: .*chosen sequence: its completion holds '{re.escape(EOT)}' 2 times",
         chat_template=doubled,
     )
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from levanter.data.simpo.packing import PACKING_WINDOW, first_fit_decreasing
-from levanter.simpo.objective.layouts import log_rows_per_step, resolve_pair_layout, rows_per_step, trainer_in_rows
 from levanter.schedule import ScheduleStep
+from levanter.simpo.objective.layouts import log_rows_per_step, resolve_pair_layout, rows_per_step, trainer_in_rows
 from levanter.trainer import TrainerConfig
 
 SEQ = 2048

@@ -10,15 +10,15 @@ import fsspec
 import jax.random as jrandom
 import numpy as np
 import pytest
-from haliax import Axis
 from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_style_tokenizer, preference_row
 
-from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
-from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
+from haliax import Axis
 from levanter.data.simpo.cache_identity import cache_contents
 from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.simpo.rows import PreferenceRowError
 from levanter.data.simpo.splits import build_preference_splits, packed_pair_rows, padded_pair_rows
+from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
+from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
 from levanter.schedule import BatchSchedule
 
 Pos = Axis("position", 48)
@@ -106,7 +106,9 @@ def test_levanter_preference_chat_data_is_refused_with_the_fix(tmp_path):
 
 def test_pairs_longer_than_the_sequence_without_a_budget_stop_the_run_naming_them(tmp_path):
     config = _config(tmp_path, _rows(), PromptCompletionPreferenceFormat())
-    with pytest.raises(ValueError, match=r"1 train prefs pairs are longer than the training sequence length 48 \(rows \[9\]"):
+    with pytest.raises(
+        ValueError, match=r"1 train prefs pairs are longer than the training sequence length 48 \(rows \[9\]"
+    ):
         _splits(config, validation_split_fraction=None)
 
 
@@ -147,7 +149,9 @@ def test_a_cache_built_from_other_files_is_refused_naming_them(tmp_path):
     other.write_text("".join(json.dumps(row) + "\n" for row in _rows()[3:6]))
     component = config.components["prefs"]
     moved = dataclasses.replace(component, source=UrlDatasetSourceConfig(train_urls=[str(other)]))
-    with pytest.raises(ValueError, match=r"built from other data: .*train.jsonl is no longer a source; .*mine.jsonl is a new source"):
+    with pytest.raises(
+        ValueError, match=r"built from other data: .*train.jsonl is no longer a source; .*mine.jsonl is a new source"
+    ):
         _splits(dataclasses.replace(config, components={"prefs": moved}), validation_split_fraction=None)
 
 
@@ -238,7 +242,9 @@ def test_a_cache_damaged_after_it_was_built_is_built_again(tmp_path):
     _splits(config, validation_split_fraction=None)
     assert cache_contents(fsspec.filesystem("file"), str(cache)) == recorded
     # overwrite bytes in the middle of a token chunk, keeping its size
-    chunk = max((p for p in cache.rglob("*") if p.is_file() and "chosen_input_ids" in str(p)), key=lambda p: p.stat().st_size)
+    chunk = max(
+        (p for p in cache.rglob("*") if p.is_file() and "chosen_input_ids" in str(p)), key=lambda p: p.stat().st_size
+    )
     data = bytearray(chunk.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])

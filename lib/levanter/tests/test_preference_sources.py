@@ -8,11 +8,11 @@ import gzip
 import pytest
 from simpo_tiny_run import REPO
 
-from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
-from levanter.data.text.preference import PreferenceLmDataConfig
 from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.simpo.rows import PreferenceRowError
 from levanter.data.simpo.sources import build_caches_naming_bad_lines, first_bad_source_line
+from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
+from levanter.data.text.preference import PreferenceLmDataConfig
 
 SHIPPED = REPO / "lib/levanter/data/tiny_simpo/train.jsonl"
 

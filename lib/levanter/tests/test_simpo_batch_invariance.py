@@ -10,7 +10,6 @@ microbatch holds the same number of pairs, so the average of the microbatch mean
 import functools
 
 import equinox as eqx
-import haliax as hax
 import jax
 import jax.numpy as jnp
 import jax.random as jrandom
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from simpo_pairs import PADDED, random_pairs
 
+import haliax as hax
 from levanter.data.text.preference import DpoExample
 from levanter.grad_accum import microbatched
 from levanter.main.train_simpo import simpo_loss

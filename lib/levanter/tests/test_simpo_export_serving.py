@@ -17,7 +17,6 @@ TOKENIZER = REPO / "lib" / "levanter" / "data" / "tiny_simpo" / "tokenizer"
 LLAMA3_YAML = REPO / "lib" / "levanter" / "config" / "simpo_ultrafeedback_llama3_8b.yaml"
 
 
-
 def _with_format_template(config_path, template: str):
     config = yaml.safe_load(config_path.read_text())
     next(iter(config["data"]["components"].values()))["format"]["chat_template"] = template
@@ -32,8 +31,18 @@ def test_the_export_stops_at_end_of_turn_and_carries_the_training_template(tmp_p
     tokenizer = load_tokenizer(str(TOKENIZER))
     assert template != tokenizer.chat_template
     config_path = _with_format_template(training_subset_config(tmp_path), template)
-    run(tiny_config(tmp_path, "--trainer.id", "export", "--trainer.num_train_steps", "2", "--hf_save_steps", "2",
-                    config_path=config_path))
+    run(
+        tiny_config(
+            tmp_path,
+            "--trainer.id",
+            "export",
+            "--trainer.num_train_steps",
+            "2",
+            "--hf_save_steps",
+            "2",
+            config_path=config_path,
+        )
+    )
 
     export = tmp_path / "hf" / "export" / "step-1"
     generation = json.loads((export / "generation_config.json").read_text())

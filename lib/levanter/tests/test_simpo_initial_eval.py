@@ -8,15 +8,19 @@ import pytest
 from simpo_tiny_run import run, tiny_config, training_subset_config
 
 
-
 def test_the_starting_model_is_evaluated_at_step_0(tmp_path, repo_cwd):
     config = tiny_config(
         tmp_path,
-        "--trainer.id", "initial_eval",
-        "--trainer.num_train_steps", "2",
-        "--trainer.steps_per_eval", "100",
-        "--validation_split_fraction", "0.25",
-        "--run_initial_eval", "true",
+        "--trainer.id",
+        "initial_eval",
+        "--trainer.num_train_steps",
+        "2",
+        "--trainer.steps_per_eval",
+        "100",
+        "--validation_split_fraction",
+        "0.25",
+        "--run_initial_eval",
+        "true",
         config_path=training_subset_config(tmp_path),
     )
     tracked = run(config)

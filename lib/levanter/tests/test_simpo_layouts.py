@@ -11,20 +11,20 @@ from pathlib import Path
 
 import draccus
 import equinox as eqx
-import haliax as hax
 import jax
 import jax.numpy as jnp
 import jax.random as jrandom
 import numpy as np
 import pytest
-from haliax import Axis
 
+import haliax as hax
+from haliax import Axis
 from levanter.data.simpo.shared_prompt import PrefixSharedPairs
 from levanter.data.simpo.splits import build_preference_splits
-from levanter.simpo.objective.layouts import pair_layout
 from levanter.main.train_simpo import TrainSimpoConfig, simpo_loss, validate_config
 from levanter.models.gpt2 import Gpt2Config
 from levanter.models.llama import LlamaConfig
+from levanter.simpo.objective.layouts import pair_layout
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_CONFIG = REPO / "lib/levanter/config/simpo_tiny_gpt2.yaml"
@@ -52,7 +52,10 @@ def held_out_batch(tiny, layout_name: str):
     layout = pair_layout(layout_name, PAIRS_PER_ROW)
     Pos = Axis("position", SEQ)
     splits = build_preference_splits(
-        tiny.data, lambda pairs, kept: layout.rows(pairs, kept, Pos), seq_len=SEQ, key=jrandom.PRNGKey(0),
+        tiny.data,
+        lambda pairs, kept: layout.rows(pairs, kept, Pos),
+        seq_len=SEQ,
+        key=jrandom.PRNGKey(0),
         validation_split_fraction=None,
     )
     sync = splits.validation["tiny_simpo"].as_sync_dataset()
@@ -68,7 +71,9 @@ def batches(tiny):
 
 
 MODELS = {
-    "llama": LlamaConfig(max_seq_len=SEQ, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2),
+    "llama": LlamaConfig(
+        max_seq_len=SEQ, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2
+    ),
     "gpt2": Gpt2Config(max_seq_len=SEQ, hidden_dim=32, num_layers=2, num_heads=4, gradient_checkpointing=False),
 }
 
@@ -96,7 +101,12 @@ def test_every_layout_gives_the_same_loss_and_gradient_over_the_same_pairs(tiny,
         loss, metrics, grad = loss_metrics_and_gradient(model, layout, batch)
         # every held-out pair enters the mean once, whatever the rows that hold it
         assert float(metrics["simpo_loss"]._count) == 250
-        results[name] = (rows, loss, {k: float(metrics[k]) for k in ("logps/chosen", "simpo_sft_loss", "logits/rejected")}, grad)
+        results[name] = (
+            rows,
+            loss,
+            {k: float(metrics[k]) for k in ("logps/chosen", "simpo_sft_loss", "logits/rejected")},
+            grad,
+        )
     padded_rows, padded_loss, padded_metrics, padded_grad = results["padded"]
     assert padded_rows == 250
     for name in ("packed", "shared_prompt"):

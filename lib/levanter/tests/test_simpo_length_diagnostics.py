@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from levanter.simpo.results.length_diagnostics import finish_length_diagnostics, length_diagnostics
 from levanter.metrics import fold
+from levanter.simpo.results.length_diagnostics import finish_length_diagnostics, length_diagnostics
 
 
 def _values(metrics) -> dict[str, float]:

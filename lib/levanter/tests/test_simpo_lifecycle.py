@@ -65,7 +65,12 @@ def _cli(tmp: Path, shared: SharedSetup, run_id: str, *extra: str) -> list[str]:
 
 def _run_cli(tmp: Path, name: str, command: list[str]) -> tuple[int, str]:
     result = subprocess.run(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_DIR": str(tmp)},
     )
     (tmp / f"{name}.log").write_text(result.stdout)
@@ -74,7 +79,10 @@ def _run_cli(tmp: Path, name: str, command: list[str]) -> tuple[int, str]:
 
 def _snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
     return {
-        str(p): (p.read_bytes(), p.stat().st_mtime_ns) for root in roots for p in sorted(root.rglob("*")) if p.is_file()
+        str(p): (p.read_bytes(), p.stat().st_mtime_ns)
+        for root in roots
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 

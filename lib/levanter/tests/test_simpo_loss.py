@@ -4,19 +4,19 @@
 
 import math
 
-import haliax as hax
 import jax
 import jax.numpy as jnp
 import jax.random as jrandom
 import numpy as np
 import pytest
 
+import haliax as hax
 from levanter.data.text.preference import DpoExample
-from levanter.simpo.objective.layouts import Side, pair_layout
 from levanter.main.train_simpo import _average_logp, simpo_loss, simpo_loss_from_logps
 from levanter.metrics import Metric
 from levanter.models.gpt2 import Gpt2Config
 from levanter.models.lm_model import LmExample
+from levanter.simpo.objective.layouts import Side, pair_layout
 
 
 def _softplus(x: float) -> float:
@@ -39,7 +39,8 @@ def test_sigmoid_loss_matches_worked_example():
 
 
 def test_sft_example_with_beta_2_5():
-    # SFT term with beta 2.5 (the worked example's logits 0.8): the SimPO part is -log sigmoid(2.0), not the beta=2 loss
+    # SFT term with beta 2.5 (the worked example's logits 0.8): the SimPO part is -log sigmoid(2.0), not the
+    # beta=2 loss
     simpo_part, _ = _loss([-1.2], [-2.5], beta=2.5)
     assert simpo_part == pytest.approx(_softplus(-2.0), abs=1e-6)
     assert simpo_part + 0.1 * 1.2 == pytest.approx(0.2469, abs=1e-4)
@@ -120,8 +121,10 @@ def _average(model, example, *, key=None):
 
 def _numpy_average_logp(model, example):
     logits = np.asarray(model(example.tokens, attn_mask=example.attn_mask).array, np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-        -1, keepdims=True
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
     )
     tokens = np.asarray(example.tokens.array)
     weight = np.asarray(example.loss_weight.array)
@@ -195,7 +198,9 @@ def test_pair_loss_equals_loss_from_separately_computed_averages(model):
 def test_pairs_without_trained_tokens_are_left_out_and_counted(model):
     chosen = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6], seed=1)
     rejected = _batched_example(prompt_lengths=[3, 7, 1], lengths=[12, 7, 15], seed=2)  # pair 1: nothing trained
-    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), layout=PADDED, beta=2.0, gamma_beta_ratio=0.5)
+    loss, metrics = simpo_loss(
+        model, DpoExample(chosen=chosen, rejected=rejected), layout=PADDED, beta=2.0, gamma_beta_ratio=0.5
+    )
 
     avg_c, _ = _numpy_average_logp(model, chosen)
     avg_r = _numpy_average_logp(model, rejected)[0][[0, 2]]
@@ -209,7 +214,9 @@ def test_empty_pair_slots_are_left_out_silently(model):
     # row 1 has no trained token on either side: an eval padding pair or an unused slot of a packed row
     chosen = _batched_example(prompt_lengths=[3, 7, 1], lengths=[9, 7, 6], seed=1)
     rejected = _batched_example(prompt_lengths=[3, 7, 1], lengths=[12, 7, 15], seed=2)
-    loss, metrics = simpo_loss(model, DpoExample(chosen=chosen, rejected=rejected), layout=PADDED, beta=2.0, gamma_beta_ratio=0.5)
+    loss, metrics = simpo_loss(
+        model, DpoExample(chosen=chosen, rejected=rejected), layout=PADDED, beta=2.0, gamma_beta_ratio=0.5
+    )
 
     avg_c = _numpy_average_logp(model, chosen)[0][[0, 2]]
     avg_r = _numpy_average_logp(model, rejected)[0][[0, 2]]
@@ -229,8 +236,17 @@ def test_mixture_of_experts_router_loss_is_added_once_and_never_enters_the_log_p
 
 def _check_moe(MixtralConfig, split_activations):
     config = MixtralConfig(
-        max_seq_len=16, hidden_dim=32, intermediate_dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
-        n_routed_experts=4, num_experts_per_tok=2, lbl_coef=0.5, rzl_coef=0.1, use_flash_attention=False,
+        max_seq_len=16,
+        hidden_dim=32,
+        intermediate_dim=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        lbl_coef=0.5,
+        rzl_coef=0.1,
+        use_flash_attention=False,
     )
     moe = config.build(Vocab, key=jrandom.PRNGKey(0))
     chosen = _batched_example(prompt_lengths=[3, 5, 1], lengths=[9, 16, 6], seed=1)
@@ -246,7 +262,10 @@ def _check_moe(MixtralConfig, split_activations):
     simpo_only, _ = simpo_loss_from_logps(jnp.asarray(avg_c), jnp.asarray(avg_r), beta=2.0, gamma_beta_ratio=0.5)
     # the router's loss over the same tokens: both sides as one batch of six rows
     both = jax.tree.map(
-        lambda c, r: hax.concatenate("batch", [c, r]), chosen, rejected, is_leaf=lambda x: isinstance(x, hax.NamedArray)
+        lambda c, r: hax.concatenate("batch", [c, r]),
+        chosen,
+        rejected,
+        is_leaf=lambda x: isinstance(x, hax.NamedArray),
     )
     _, aux = split_activations(moe.activations(both.tokens, both.attn_mask))
     assert float(aux) > 1e-3  # the router's loss is there to be counted

@@ -64,8 +64,9 @@ def test_a_packed_run_resumed_where_its_rows_a_step_differ_stops(mesh_runs, shar
     tmp, meshes = mesh_runs
     assert meshes["rows"]["devices"] == DEVICES
     args = ["--data.cache_dir", str(tmp / "cache"), "--trainer.id", "rows", "--trainer.train_batch_size", "12"]
-    config = tiny_config(tmp, *shared_setup.overrides, *args, "--trainer.num_train_steps", "4",
-                         config_path=shared_setup.config)
+    config = tiny_config(
+        tmp, *shared_setup.overrides, *args, "--trainer.num_train_steps", "4", config_path=shared_setup.config
+    )
     with pytest.raises(CheckpointMismatchError) as error:
         run(config)
     rows = re.search(r"rows_per_step: '(\d+)' -> '(\d+)'", str(error.value))

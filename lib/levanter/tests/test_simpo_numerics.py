@@ -7,7 +7,6 @@ import functools
 import re
 
 import equinox as eqx
-import haliax as hax
 import jax
 import jax.numpy as jnp
 import jax.random as jrandom
@@ -17,11 +16,12 @@ import optax
 import pytest
 from simpo_pairs import PADDED, random_pairs
 
+import haliax as hax
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.text.preference import DpoExample
-from levanter.simpo.run.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from levanter.main.train_simpo import simpo_loss
 from levanter.models.gpt2 import Gpt2Config
+from levanter.simpo.run.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from levanter.tracker import NoopConfig
 from levanter.trainer import Trainer, TrainerConfig
 
@@ -47,7 +47,9 @@ def test_extreme_logits_keep_loss_and_gradients_finite(compute):
     model = TINY.build(Vocab, key=jrandom.PRNGKey(0))
     model = eqx.tree_at(lambda m: m.embeddings.token_embeddings.weight, model, replace_fn=lambda w: w * 1e5)
     policy = jmp.get_policy(f"p=f32,c={compute}")
-    loss_fn = functools.partial(simpo_loss, layout=PADDED, beta=10.0, gamma_beta_ratio=0.5, label_smoothing=0.1, sft_weight=0.1)
+    loss_fn = functools.partial(
+        simpo_loss, layout=PADDED, beta=10.0, gamma_beta_ratio=0.5, label_smoothing=0.1, sft_weight=0.1
+    )
 
     @eqx.filter_jit
     def loss_and_grads(model, pairs):

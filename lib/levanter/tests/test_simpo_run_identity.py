@@ -260,4 +260,3 @@ def test_diverged_checkpoints_are_marked_and_the_rerun_resumes_before_them(finis
 def test_impossible_divergence_settings(tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):
         train_simpo.validate_config(tiny_config(tmp_path, *setting))
-

@@ -5,17 +5,16 @@
 import json
 import math
 
-import haliax as hax
 import jax
 import jax.random as jrandom
 import numpy as np
 import pytest
 from simpo_tiny_run import final_model, run, tiny_config
 
+import haliax as hax
 from levanter.data.simpo.splits import build_preference_splits
-from levanter.simpo.objective.layouts import pair_layout
 from levanter.main.train_simpo import simpo_loss
-
+from levanter.simpo.objective.layouts import pair_layout
 
 
 def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
@@ -68,7 +67,10 @@ def _held_out_losses(config, model) -> tuple[float, float]:
     layout = pair_layout("padded", 1)
     Pos = model.Pos
     splits = build_preference_splits(
-        config.data, lambda pairs, kept: layout.rows(pairs, kept, Pos), seq_len=Pos.size, key=jrandom.PRNGKey(0),
+        config.data,
+        lambda pairs, kept: layout.rows(pairs, kept, Pos),
+        seq_len=Pos.size,
+        key=jrandom.PRNGKey(0),
         validation_split_fraction=None,
     )
     items = splits.validation["tiny_simpo"].as_sync_dataset().get_batch(list(range(250)))

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 from fray.types import ResourceConfig
-from levanter.models.gpt2 import Gpt2Config
 
 from experiments.defaults import default_preference_tokenize, default_simpo
 from experiments.simple_simpo_config import SimpleSimPOConfig
+from levanter.models.gpt2 import Gpt2Config
 from marin.execution.lazy import StepContext
 
 VERSION = "2026.01.24"
@@ -24,7 +24,9 @@ def _tokenized(split: str):
 def _simpo(tags=(), **config_overrides):
     config_overrides.setdefault("max_seq_len", Gpt2Config().max_seq_len)
     config = SimpleSimPOConfig(resources=ResourceConfig.with_cpu(), num_train_steps=10, **config_overrides)
-    return default_simpo("checkpoints/simpo_test", _tokenized("train"), Gpt2Config(), config, tags=tags, version=VERSION)
+    return default_simpo(
+        "checkpoints/simpo_test", _tokenized("train"), Gpt2Config(), config, tags=tags, version=VERSION
+    )
 
 
 def _train_config(step):
@@ -62,7 +64,12 @@ def test_validation_caches_need_the_split_fraction_off():
     config = SimpleSimPOConfig(resources=ResourceConfig.with_cpu(), num_train_steps=10)
     with pytest.raises(ValueError, match="validation_split_fraction=None"):
         default_simpo(
-            "checkpoints/x", _tokenized("train"), Gpt2Config(), config, validation=[_tokenized("test")], version=VERSION
+            "checkpoints/x",
+            _tokenized("train"),
+            Gpt2Config(),
+            config,
+            validation=[_tokenized("test")],
+            version=VERSION,
         )
 
 
@@ -107,16 +114,18 @@ def test_the_run_carries_the_reference_adam_and_pair_budgets():
     (component,) = config.data.components.values()
     fmt = component.format
     assert (fmt.completion_tokens, fmt.max_length, fmt.max_prompt_length, fmt.truncation_mode) == (
-        "final_turn", 512, 400, "keep_start"
+        "final_turn",
+        512,
+        400,
+        "keep_start",
     )
     assert config.run_initial_eval is True
 
 
 def test_a_preference_chat_cache_is_refused_by_name():
+    from experiments import defaults
     from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
     from levanter.data.text.preference import PreferenceChatLmDatasetFormat
-
-    from experiments import defaults
 
     old = PreferenceChatLmDatasetFormat()
     source = UrlDatasetSourceConfig(tags=[], train_urls=[], validation_urls=[], cache_dir="/c", format=old)

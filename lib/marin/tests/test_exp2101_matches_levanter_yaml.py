@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fray.types import ResourceConfig
-from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments import exp2101_simpo_ultrafeedback as exp
+from levanter.main.train_simpo import TrainSimpoConfig
 from marin.execution.build_context import BuildContext, VersionCodex, build_context
 from marin.execution.lazy import ArtifactStep, materialized_config, run
 from marin.training.simpo import simpo_train_config_for_pod
@@ -119,7 +119,11 @@ def both_configs(tmp_path_factory):
     finally:
         patch.undo()
     assert downloads == [
-        ("HuggingFaceH4/ultrafeedback_binarized", exp.ULTRAFEEDBACK_REVISION, ("data/train_prefs-*.parquet", "data/test_prefs-*.parquet"))
+        (
+            "HuggingFaceH4/ultrafeedback_binarized",
+            exp.ULTRAFEEDBACK_REVISION,
+            ("data/train_prefs-*.parquet", "data/test_prefs-*.parquet"),
+        )
     ]
     with open(exp.RECIPE_PATH) as f:
         yaml = draccus.load(TrainSimpoConfig, f)
@@ -148,7 +152,9 @@ def comparison_table(rows: list[tuple[str, object, object]]) -> str:
 
     lines = ["| field | YAML | exp2101 | |", "|---|---|---|---|"]
     for key, a, b in rows:
-        verdict = "same" if a == b else ("intended: " + INTENDED_DIFFERENCES[_listed(key)] if _intended(key) else "DIFFERS")
+        verdict = (
+            "same" if a == b else ("intended: " + INTENDED_DIFFERENCES[_listed(key)] if _intended(key) else "DIFFERS")
+        )
         lines.append(f"| {key} | {cell(a)} | {cell(b)} | {verdict} |")
     return "\n".join(lines)
 
@@ -197,4 +203,3 @@ def test_a_recipe_field_cannot_be_restated_on_the_marin_side():
         SimpleSimPOConfig.from_train_config(
             exp.recipe, resources=ResourceConfig.with_cpu(), num_train_epochs=1, learning_rate=1e-6
         )
-

@@ -12,10 +12,10 @@ from pathlib import Path
 import draccus
 import jmp
 import pytest
-from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
-from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments import exp2101_simpo_ultrafeedback as exp
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.main.train_simpo import TrainSimpoConfig
 from marin.execution.build_context import BuildContext, VersionCodex, build_context
 from marin.execution.lazy import ArtifactStep, StepContext
 from marin.training.simpo import TrainSimpoOnPodConfig

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fray.iris_backend import convert_environment
 from fray.types import ResourceConfig, create_environment
+
 from marin.training.run_environment import dependency_groups_for_resources
 
 REPO = Path(__file__).resolve().parents[3]
@@ -25,13 +26,17 @@ JOBS = {
     "cpu": (ResourceConfig.with_cpu(), ["cpu"]),
 }
 # what each extra must bring, beyond the base install
-ACCELERATOR_PACKAGES = {"tpu": {"libtpu", "jaxlib"}, "gpu": {"jax-cuda13-plugin", "jax-cuda13-pjrt"}, "cpu": {"jaxlib"}}
+ACCELERATOR_PACKAGES = {
+    "tpu": {"libtpu", "jaxlib"},
+    "gpu": {"jax-cuda13-plugin", "jax-cuda13-pjrt"},
+    "cpu": {"jaxlib"},
+}
 
 
 def _job_sync_command(resources: ResourceConfig, groups: list[str] | None) -> str:
     extras = dependency_groups_for_resources(resources, groups)
     spec = convert_environment(create_environment(extras=extras), resources.device)
-    (setup, *_) = spec.to_proto().setup_scripts
+    setup, *_ = spec.to_proto().setup_scripts
     (sync,) = [line for line in setup.splitlines() if line.startswith("uv sync")]
     return sync
 

@@ -15,11 +15,11 @@ import draccus
 import jax
 import pytest
 from fray.types import ResourceConfig
-from levanter.checkpoint import discover_latest_checkpoint
-from levanter.main.train_simpo import TrainSimpoConfig
 
 from experiments.defaults import default_preference_tokenize, default_simpo
 from experiments.simple_simpo_config import SimpleSimPOConfig
+from levanter.checkpoint import discover_latest_checkpoint
+from levanter.main.train_simpo import TrainSimpoConfig
 from marin.execution.lazy import materialized_config, resolve
 
 REPO = Path(__file__).resolve().parents[3]
@@ -73,7 +73,10 @@ def _train_file(directory: Path) -> Path:
 def _tiny_preferences(directory: Path, pairs: SimpleSimPOConfig):
     tokenizer = str(TINY_DATA / "tokenizer")
     train = default_preference_tokenize(
-        "tokenized/tiny_simpo_train", tokenizer=tokenizer, paths=[str(_train_file(directory))], pairs=pairs,
+        "tokenized/tiny_simpo_train",
+        tokenizer=tokenizer,
+        paths=[str(_train_file(directory))],
+        pairs=pairs,
         version=VERSION,
     )
     validation = default_preference_tokenize(

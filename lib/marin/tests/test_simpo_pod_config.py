@@ -4,10 +4,10 @@
 
 import pytest
 from fray.types import ResourceConfig
+
 from levanter.adaptor import LoraAdaptorConfig
 from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.trainer import TrainerConfig
-
 from marin.training.simpo import TrainSimpoOnPodConfig, simpo_train_config_for_pod
 
 

@@ -13,53 +13,48 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 import equinox as eqx
-import haliax as hax
 import jax
-import jax.numpy as jnp
 import jax.random as jrandom
-from haliax import Axis
-from haliax.partitioning import round_axis_for_partitioning
 
 import levanter
 import levanter.callbacks
 import levanter.config
 import levanter.tracker
+from haliax import Axis
+from haliax.partitioning import round_axis_for_partitioning
 from levanter import callbacks
 from levanter.adaptor import AdaptorConfig, AdaptorExportConfig, NoAdaptorConfig
 from levanter.callbacks import StepInfo
 from levanter.compat.hf_checkpoints import build_generation_config
-from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.data.simpo.shared_prompt import PrefixSharedPairs
 from levanter.data.simpo.splits import build_preference_splits
-from levanter.simpo.run.compilation_cache import with_compilation_cache
 from levanter.data.simpo.stats import write_pair_stats
+from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
-from levanter.simpo.results.export import export_tokenizer, generation_eos_token_ids
-from levanter.simpo.run.checkpoints import CheckpointRecords, resume_verified, training_identity
-from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
-from levanter.simpo.run.nonfinite import NonFiniteGuard
-from levanter.simpo.results.evaluation import HeldOutEvaluator
+from levanter.models.llama import LlamaConfig
+from levanter.models.lm_model import LmConfig, LmHeadModel
+from levanter.optim.config import AdamConfig, OptimizerConfig
 from levanter.simpo.objective.layouts import (
-    PairLayout,
     PairLayoutName,
-    Side,
     check_pair_layout,
     layout_note,
-    pair_layout,
     log_rows_per_step,
+    pair_layout,
     resolve_pair_layout,
     trainer_in_rows,
 )
 from levanter.simpo.objective.loss import LossType, _average_logp, simpo_loss, simpo_loss_from_logps
 from levanter.simpo.results import picture
+from levanter.simpo.results.evaluation import HeldOutEvaluator
+from levanter.simpo.results.export import export_tokenizer, generation_eos_token_ids
+from levanter.simpo.run.checkpoints import CheckpointRecords, resume_verified, training_identity
+from levanter.simpo.run.compilation_cache import with_compilation_cache
+from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
 from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
-from levanter.metrics import Metric, ReductionType
-from levanter.models.llama import LlamaConfig
-from levanter.models.lm_model import LmConfig, LmHeadModel
-from levanter.optim.config import AdamConfig, OptimizerConfig
+from levanter.simpo.run.nonfinite import NonFiniteGuard
 from levanter.trainer import Trainer, TrainerConfig
 from levanter.trainer_state import trainables_only
 from levanter.utils.jax_utils import parameter_count
@@ -68,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 # the objective's public names, where users and the plan import them from
 __all__ = ["LossType", "TrainSimpoConfig", "_average_logp", "main", "simpo_loss", "simpo_loss_from_logps"]
+
 
 @dataclass
 class TrainSimpoConfig:
@@ -242,7 +238,9 @@ def main(config: TrainSimpoConfig):
             logger.info(f"Preference data ({split}): {stats.describe()}")
             levanter.tracker.log_summary(stats.as_metrics(f"data/{split}"))
         for name, rows in splits.train_rows.items():
-            logger.info(f"{name}: " + layout_note(layout.name, layout_reason, rows, layout.sequences_per_row, Pos.size))
+            logger.info(
+                f"{name}: " + layout_note(layout.name, layout_reason, rows, layout.sequences_per_row, Pos.size)
+            )
         trainer_config = config.trainer
         if layout.name != "padded":
             trainer_config = trainer_in_rows(
@@ -287,7 +285,9 @@ def main(config: TrainSimpoConfig):
                     training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
                 )
             elif isinstance(config.adapter, NoAdaptorConfig):
-                state = trainer.initial_state(training_key, model_init=lambda: config.model.build(Vocab, key=model_key))
+                state = trainer.initial_state(
+                    training_key, model_init=lambda: config.model.build(Vocab, key=model_key)
+                )
             else:
                 initial_model = config.adapter.apply(
                     config.model.build(Vocab, key=model_key), key=adapter_key, axis_mapping=parameter_axis_mapping
@@ -379,7 +379,10 @@ def main(config: TrainSimpoConfig):
             # StepInfo reports the step before state.step, so this logs at step 0, as train_dpo does
             evaluator(StepInfo(dataclasses.replace(state, step=1), 0.0, 0.0))
             evaluator.latest_step = None  # the trained model's evaluation after step 0 is another one, not a repeat
-        batches = run.train_batches(trainer.data_loader(splits.train(trainer.config.batch_schedule)).iter_from_step(state.step), int(state.step))
+        batches = run.train_batches(
+            trainer.data_loader(splits.train(trainer.config.batch_schedule)).iter_from_step(state.step),
+            int(state.step),
+        )
         train_loader = guard.track(batches, int(state.step))
         with guard.reporting():
             trainer.train(state, train_loader)

@@ -15,11 +15,11 @@ import os
 from dataclasses import dataclass
 
 from fray.types import CpuConfig, ResourceConfig
+
 from levanter.adaptor import NoAdaptorConfig
 from levanter.infra.cli_helpers import default_run_id
 from levanter.main import train_simpo
 from levanter.main.train_simpo import TrainSimpoConfig
-
 from marin.training.training import apply_output_path, check_train_config_paths, resolve_training_env
 
 logger = logging.getLogger(__name__)

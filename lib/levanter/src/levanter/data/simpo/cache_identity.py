@@ -124,7 +124,9 @@ def check_or_clear(config: PreferenceLmDataConfig, name: str, split: str, identi
         return
     damage = _damage(fs, fs_path)
     if damage:
-        logger.warning(f"The {split} cache at {path} changed since it was built ({'; '.join(damage[:3])}); building it again")
+        logger.warning(
+            f"The {split} cache at {path} changed since it was built ({'; '.join(damage[:3])}); building it again"
+        )
         fs.rm(fs_path, recursive=True)
         return
     if identity is None or not fs.exists(f"{fs_path}/{IDENTITY_FILE}"):

@@ -14,11 +14,11 @@ import abc
 from collections.abc import Sequence
 from typing import TypeVar
 
-import haliax as hax
 import jax
 import numpy as np
-from haliax import Axis
 
+import haliax as hax
+from haliax import Axis
 from levanter.data.dataset import AsyncDataset
 from levanter.data.text.preference import DpoExample
 from levanter.layers.attention import AttentionMask

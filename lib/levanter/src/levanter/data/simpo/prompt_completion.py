@@ -28,10 +28,10 @@ import jinja2
 import numpy as np
 
 from levanter.data._preprocessor import BatchProcessor
-from levanter.tokenizers import MarinTokenizer, chat_template_has_generation_block
-
 from levanter.data.text.formats import LmDatasetFormatBase
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat
+from levanter.tokenizers import MarinTokenizer, chat_template_has_generation_block
+
 from .chat_render import ChatRenderer, RowRendering
 from .pair_build import STATUS_ERROR, CompletionTokens, PairPolicy, build_pair, cache_exemplar, cache_record
 from .rows import PreferenceRowError, describe_row, parse_preference_row, special_token_pattern
@@ -81,8 +81,6 @@ class PromptCompletionPreferenceFormat(PreferenceChatLmDatasetFormat):
     ) -> BatchProcessor[dict, dict]:
         del enforce_eos, enforce_bos  # checked per pair against the |y| definition in use
         return PromptCompletionProcessor(tokenizer, self)
-
-
 
 
 class PromptCompletionProcessor(BatchProcessor[dict, dict]):

@@ -11,10 +11,10 @@ import dataclasses
 from collections.abc import Sequence
 
 import equinox as eqx
-import haliax as hax
 import numpy as np
-from haliax import Axis, NamedArray
 
+import haliax as hax
+from haliax import Axis, NamedArray
 
 from .cache import CachedPairs
 from .packing import PairGroupDataset, first_fit_decreasing

@@ -16,9 +16,9 @@ import fsspec
 from zephyr.stage_io import ZephyrWorkerError
 
 from levanter.data.sharded_datasource import _sniff_format_for_dataset
+from levanter.data.simpo.rows import PreferenceRowError
 from levanter.data.text.datasets import UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceLmDataConfig
-from levanter.data.simpo.rows import PreferenceRowError
 from levanter.store.cache import TreeCache
 
 

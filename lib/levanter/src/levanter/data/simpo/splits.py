@@ -10,9 +10,9 @@ from typing import cast
 
 import jax.random as jrandom
 import numpy as np
-from haliax import Axis
 from jaxtyping import PRNGKeyArray
 
+from haliax import Axis
 from levanter.data.dataset import AsyncDataset
 from levanter.data.mixture import MixtureDataset, rescale_mixture_schedule_for_batch_schedule
 from levanter.data.text.datasets import BlockShuffleConfig
@@ -21,10 +21,10 @@ from levanter.schedule import BatchSchedule
 from levanter.store.cache import TreeCache
 
 from .cache import CachedPairs, open_cached_pairs
+from .cache_identity import build_identified_caches, recorded_identity
 from .packing import PackedPairDataset, first_fit_decreasing
 from .prompt_completion import PromptCompletionPreferenceFormat
 from .shared_prompt import SharedPromptPairDataset
-from .cache_identity import build_identified_caches, recorded_identity
 from .stats import PreferencePairStats
 
 logger = logging.getLogger(__name__)

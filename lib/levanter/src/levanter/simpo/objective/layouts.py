@@ -24,16 +24,16 @@ import dataclasses
 import logging
 from typing import Literal
 
-import haliax as hax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from haliax import Axis, NamedArray
 
-from levanter.data.text.preference import DpoExample
+import haliax as hax
+from haliax import Axis, NamedArray
 from levanter.data.simpo.cache import CachedPairs
 from levanter.data.simpo.shared_prompt import CHOSEN, REJECTED, PrefixSharedPairs
 from levanter.data.simpo.splits import PairRows, packed_pair_rows, padded_pair_rows, shared_prompt_rows
+from levanter.data.text.preference import DpoExample
 from levanter.layers.attention import AttentionMask
 from levanter.models.lm_model import LmExample, LmHeadModel, split_activations
 from levanter.models.loss import maybe_fused_next_token_loss
@@ -74,7 +74,14 @@ def _mean_logit(model: LmHeadModel, activations: NamedArray) -> NamedArray:
 def _next_token_nll(model: LmHeadModel, activations: NamedArray, tokens: NamedArray, weight: NamedArray, Pos: Axis):
     # per position t: -log p(token t+1), times weight[t]
     return maybe_fused_next_token_loss(
-        Pos, model.Embed, model.Vocab, activations, model.get_lm_head(), tokens, loss_weight=weight, reduction=None,
+        Pos,
+        model.Embed,
+        model.Vocab,
+        activations,
+        model.get_lm_head(),
+        tokens,
+        loss_weight=weight,
+        reduction=None,
         reduction_axis=(),
     )
 
@@ -180,7 +187,9 @@ def prefix_shared_attention(rows: PrefixSharedPairs, Pos: Axis) -> AttentionMask
     KPos = Pos.alias("key_position")
     q_pair, k_pair = rows.pair_ids, rows.pair_ids.rename({Pos.name: KPos.name})
     q_role, k_role = rows.roles, rows.roles.rename({Pos.name: KPos.name})
-    allowed = (q_pair.broadcast_axis(KPos) == k_pair) & ~((q_role == REJECTED).broadcast_axis(KPos) & (k_role == CHOSEN))
+    allowed = (q_pair.broadcast_axis(KPos) == k_pair) & ~(
+        (q_role == REJECTED).broadcast_axis(KPos) & (k_role == CHOSEN)
+    )
     return AttentionMask(is_causal=True, explicit_mask=allowed)
 
 
@@ -306,8 +315,8 @@ def log_rows_per_step(pairs: TrainerConfig, rows: TrainerConfig, pairs_per_row: 
         )
         if abs(held - asked.value) > 0.1 * asked.value:
             logger.warning(
-                f"{got.value} rows a step hold about {held:.0f} pairs, not the {asked.value} asked: a step takes whole "
-                f"rows, a multiple of the data-parallel width ({rows.data_axis_size}) unless "
+                f"{got.value} rows a step hold about {held:.0f} pairs, not the {asked.value} asked: a step takes "
+                f"whole rows, a multiple of the data-parallel width ({rows.data_axis_size}) unless "
                 "trainer.allow_nondivisible_batch_size. Change train_batch_size (or max_pairs_per_row) to come closer"
             )
 

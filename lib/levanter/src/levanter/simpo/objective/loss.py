@@ -5,12 +5,12 @@ variants and metrics) and ``simpo_loss``, the training loss on a batch of rows o
 
 from typing import Literal
 
-import haliax as hax
 import jax
 import jax.numpy as jnp
 
-from levanter.data.text.preference import DpoExample
+import haliax as hax
 from levanter.data.simpo.shared_prompt import PrefixSharedPairs
+from levanter.data.text.preference import DpoExample
 from levanter.metrics import Metric, ReductionType
 from levanter.models.lm_model import LmHeadModel
 from levanter.simpo.objective.layouts import PairLayout, Side

@@ -42,7 +42,14 @@ def length_diagnostics(
     longer = weight * (chosen > rejected)
     shorter = weight * (chosen < rejected)
     x, y = chosen - rejected, margin
-    sums = {"n": weight, "x": x * weight, "y": y * weight, "xx": x * x * weight, "yy": y * y * weight, "xy": x * y * weight}
+    sums = {
+        "n": weight,
+        "x": x * weight,
+        "y": y * weight,
+        "xx": x * x * weight,
+        "yy": y * y * weight,
+        "xy": x * y * weight,
+    }
     metrics = {
         "length/accuracy_chosen_longer": _mean(correct, longer),
         "length/accuracy_chosen_shorter": _mean(correct, shorter),

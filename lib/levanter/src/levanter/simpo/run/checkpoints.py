@@ -331,7 +331,9 @@ def resume_verified(
             skip(path, problem)
             continue
         if skipped:
-            logger.warning(f"Resuming from {path}, the newest verified checkpoint (step {step}), instead of newer ones")
+            logger.warning(
+                f"Resuming from {path}, the newest verified checkpoint (step {step}), instead of newer ones"
+            )
             _move_aside([p for p, _ in skipped])
         else:
             logger.info(f"Checkpoint {path} verified: configuration and array checksums match")

@@ -91,7 +91,9 @@ class RunLease:
             )
             with contextlib.suppress(FileNotFoundError):
                 self._fs.rm(self._plain)
-        raise RunLeaseHeldError(f"Run {self.run_id}: could not take the lease {self.path}; another process keeps at it")
+        raise RunLeaseHeldError(
+            f"Run {self.run_id}: could not take the lease {self.path}; another process keeps at it"
+        )
 
     def _renew(self) -> None:
         while not self._stop_renewing.wait(LEASE_RENEW_EVERY.total_seconds()):

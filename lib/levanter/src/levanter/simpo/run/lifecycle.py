@@ -44,6 +44,7 @@ ratio 0.3-1.6). float32 keeps about 7 significant digits, so the ratio costs ``|
 the margin: 6e-6 at 100, and at 1e38 the margin is lost entirely (the issue's ``--gamma_beta_ratio 1e38`` made a
 non-finite loss). A beta of 1e3 already turns the sigmoid into a step for margins 0.01 apart."""
 
+
 def check_run_id(run_id: str) -> None:
     """A run id names one directory under each output base path, so it must be a plain name."""
     problems = []
@@ -96,7 +97,9 @@ def output_paths(config, run_id: str) -> dict[str, str]:
         if getattr(config, name) is not None:
             paths[name] = getattr(config, name)
     paths["trainer.log_dir"] = str(config.trainer.log_dir)
-    trackers = config.trainer.tracker if isinstance(config.trainer.tracker, (list, tuple)) else [config.trainer.tracker]
+    trackers = (
+        config.trainer.tracker if isinstance(config.trainer.tracker, (list, tuple)) else [config.trainer.tracker]
+    )
     for i, tracker in enumerate(trackers):
         if getattr(tracker, "output_path", None):
             paths[f"trainer.tracker[{i}].output_path"] = tracker.output_path

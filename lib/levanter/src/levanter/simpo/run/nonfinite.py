@@ -122,8 +122,8 @@ class NonFiniteGuard(JitCallback):
         else:
             message = (
                 f"SimPO training step {step}: {what}{parameters}. The batch is rows {rows.start}..{rows.stop - 1} "
-                "of the training stream (a row holds one pair, or several with a packed pair_layout), in the order the "
-                "data loader reads them (the same for the same data seed and batch schedule)."
+                "of the training stream (a row holds one pair, or several with a packed pair_layout), in the order "
+                "the data loader reads them (the same for the same data seed and batch schedule)."
             )
         logger.error(message)
         return NonFiniteTrainingError(message, step=step, rows=rows)

@@ -3,8 +3,8 @@
 """Preemption: SIGTERM asks a SimPO run to stop at the next step boundary, at the same step on every host."""
 
 import logging
-import threading
 import signal
+import threading
 from typing import Any
 
 import jax
