@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from simpo_child_run import ChildRuns  # noqa: E402
-from simpo_tiny_run import DEVICES, FREEZE_AT, MESHES, SharedSetup, run_overrides, shared_setup_in  # noqa: E402
+from simpo_tiny_run import DEVICES, FREEZE_AT, MESHES, STEPS, SharedSetup, run_overrides, shared_setup_in  # noqa: E402
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def single_device_runs(request, shared_setup, tmp_path_factory) -> SingleDeviceR
     diverging = run_overrides("diverged", "--optimizer.learning_rate", "1e30", "--optimizer.warmup", "0")
     runs = [
         {"name": "resumed", "overrides": preempted},
-        {"name": "reference", "overrides": run_overrides("reference")},
+        {"name": "reference", "overrides": run_overrides("reference", "--run_initial_eval", "true")},
         {"name": "diverged", "overrides": diverging},
     ]
     resuming = ChildRuns(tmp, shared_setup, runs)
@@ -91,10 +91,15 @@ def mesh_child(shared_setup, tmp_path_factory):
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
     # its own data and compilation caches, so that it can run beside the single-device runs
     own_caches = ["--data.cache_dir", str(tmp / "cache"), "--trainer.jax_compilation_cache_dir", str(tmp / "jax")]
-    runs = [
-        {"name": name, "overrides": run_overrides(name, "--trainer.mesh.axes", json.dumps(axes), *own_caches)}
-        for name, axes in MESHES.items()
-    ]
+    # as a pod runs: evaluation at step 0 and every few steps, checkpoints, the HF export; then the same command
+    # again (nothing to do), and one mesh's run extended by two steps (a resume)
+    runs = []
+    for name, axes in MESHES.items():
+        overrides = run_overrides(name, "--trainer.mesh.axes", json.dumps(axes), "--run_initial_eval", "true",
+                                  "--hf_save_path", str(tmp / "hf"), *own_caches)  # fmt: skip
+        runs += [{"name": name, "overrides": overrides}, {"name": f"{name}_again", "overrides": overrides}]
+    extended = [*runs[-2]["overrides"], "--trainer.num_train_steps", str(STEPS + 2)]
+    runs.append({"name": "tensor_parallel_extended", "overrides": extended})
     # 12 pairs a step, whose rows a step on 4 data-parallel devices are a multiple of 4 and on one device are not
     rows = ["--trainer.train_batch_size", "12", "--trainer.num_train_steps", "2"]
     mesh = ["--trainer.mesh.axes", json.dumps(MESHES["data_parallel"])]

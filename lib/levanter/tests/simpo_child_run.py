@@ -76,8 +76,9 @@ class ChildRuns:
         self.close()
 
     def collect(self, timeout: float = 600) -> dict:
-        """Waits for the child and returns, per run name, ``{"steps": {step: metrics}, "error" (the message of a
-        NonFiniteTrainingError that ended the run, or None), "devices", "mesh", "param_mapping"}``."""
+        """Waits for the child and returns, per run name, ``{"steps": {step: metrics}, "messages" (what the run
+        logged), "error" (the message of a NonFiniteTrainingError that ended the run, or None), "devices", "mesh",
+        "param_mapping"}``."""
         try:
             self.process.wait(timeout=timeout)
         finally:
@@ -187,6 +188,7 @@ def _child(spec_path: str):
             checkpoint_log.removeHandler(writes)
         results[entry["name"]] = {
             "steps": tracked.by_step,
+            "messages": tracked.messages,
             "error": error,
             "devices": jax.device_count(),
             "mesh": dict(config.trainer.device_mesh.shape),

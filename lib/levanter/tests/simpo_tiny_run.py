@@ -24,14 +24,15 @@ import levanter.checkpoint
 from levanter.main import train_simpo
 from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.simpo.objective import layouts as simpo_layouts
+from levanter.simpo.run import lifecycle
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_CONFIG = REPO / "lib/levanter/config/simpo_tiny_gpt2.yaml"
 
 
-def tiny_config(tmp: Path, *overrides: str, config_path: Path = TINY_CONFIG) -> TrainSimpoConfig:
-    """The embedded default, shrunk for a test and writing everything under ``tmp``."""
-    args = [
+def tiny_args(tmp: Path, *overrides: str) -> list[str]:
+    """Command-line arguments that shrink the embedded default for a test and write everything under ``tmp``."""
+    return [
         "--data.cache_dir",
         str(tmp / "cache"),
         "--trainer.train_batch_size",
@@ -46,6 +47,8 @@ def tiny_config(tmp: Path, *overrides: str, config_path: Path = TINY_CONFIG) -> 
         '[{"every": 4}]',
         "--trainer.tracker",
         '{"type": "json_logger"}',
+        "--trainer.log_dir",
+        str(tmp / "logs"),
         "--hf_save_path",
         str(tmp / "hf"),
         # Levanter traces and lowers the train step a second time to log its jaxpr and HLO; tests do not read them
@@ -55,7 +58,11 @@ def tiny_config(tmp: Path, *overrides: str, config_path: Path = TINY_CONFIG) -> 
         "false",
         *overrides,
     ]
-    return draccus.parse(TrainSimpoConfig, config_path=str(config_path), args=args)
+
+
+def tiny_config(tmp: Path, *overrides: str, config_path: Path = TINY_CONFIG) -> TrainSimpoConfig:
+    """The embedded default, shrunk for a test and writing everything under ``tmp``."""
+    return draccus.parse(TrainSimpoConfig, config_path=str(config_path), args=tiny_args(tmp, *overrides))
 
 
 class TrackedMetrics(logging.Handler):
@@ -77,7 +84,7 @@ class TrackedMetrics(logging.Handler):
 
 def run(config: TrainSimpoConfig, tracked: TrackedMetrics | None = None) -> TrackedMetrics:
     tracked = tracked if tracked is not None else TrackedMetrics()
-    names = ("levanter.json_logger", train_simpo.__name__, simpo_layouts.__name__)
+    names = ("levanter.json_logger", train_simpo.__name__, simpo_layouts.__name__, lifecycle.__name__)
     loggers = [logging.getLogger(name) for name in names]
     for log in loggers:
         log.addHandler(tracked)
@@ -97,25 +104,23 @@ def train_losses(by_step: dict[int, dict]) -> dict[int, float]:
 
 TRAIN_ROWS = 96
 """Pairs kept by ``training_subset_config``: enough for 12 steps of 8 without repeating a pair."""
+HELD_OUT_ROWS = 16
+"""Held-out pairs kept by ``training_subset_config``: two evaluation batches of 8."""
 
 
 def training_subset_config(tmp: Path) -> Path:
-    """The tiny config training on the first TRAIN_ROWS pairs of the shipped set, without evaluation.
-
-    Caching all 2500 pairs takes longer than the short runs these tests make, and evaluation does not change the
-    training state they compare.
-    """
+    """The tiny config on the first TRAIN_ROWS training pairs and the first HELD_OUT_ROWS held-out pairs of the
+    shipped set (caching all 2750 takes longer than the short runs these tests make)."""
     config = yaml.safe_load(TINY_CONFIG.read_text())
     source = next(iter(config["data"]["components"].values()))["source"]
-    rows = []
-    for url in source["train_urls"]:
-        with open(REPO / url) as f:
-            rows.extend(line for _, line in zip(range(TRAIN_ROWS - len(rows)), f))
-    train = tmp / "train.jsonl"
-    train.write_text("".join(rows))
-    source["train_urls"] = [str(train)]
-    source["validation_urls"] = []
-    config["validation_split_fraction"] = 0
+    for key, rows in (("train_urls", TRAIN_ROWS), ("validation_urls", HELD_OUT_ROWS)):
+        kept: list[str] = []
+        for url in source[key]:
+            with open(REPO / url) as f:
+                kept.extend(line for _, line in zip(range(rows - len(kept)), f))
+        path = tmp / f"{key.split('_')[0]}.jsonl"
+        path.write_text("".join(kept))
+        source[key] = [str(path)]
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -269,6 +270,53 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     assert json.loads(fs.cat(path))["pid"] == os.getpid()
     taker.release()
     assert not fs.exists(path)
+
+
+def _taking_over(directory: str, monkeypatch, job: str | None, attempt: str | None) -> list[str]:
+    """Takes the lease of ``directory`` as attempt ``attempt`` of job ``job``; returns what the lease logged."""
+    for name, value in (("SIMPO_JOB_ID", job), ("SIMPO_JOB_ATTEMPT", attempt)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    said = TrackedMetrics()
+    logging.getLogger("levanter.simpo.run.lease").addHandler(said)
+    taker = RunLease(directory, "run")
+    try:
+        taker.acquire()
+    finally:
+        logging.getLogger("levanter.simpo.run.lease").removeHandler(said)
+        taker.release()
+    return said.messages
+
+
+def test_a_restarted_job_takes_its_dead_attempts_lease_at_once_and_a_foreign_one_is_refused(tmp_path, monkeypatch):
+    # a pod restarted on new hosts: the lease names a host this one cannot look into, renewed a moment ago
+    directory = str(tmp_path / "checkpoints" / "run")
+    os.makedirs(directory)
+    path = f"{directory}/lease.json"
+    now = time.time()
+    held = {"run_id": "run", "host": "tpu-host-7", "pid": 12, "process_started": now - 60, "taken": now - 60,
+            "renewed": now, "token": "earlier", "job": "/team/exp2101/0", "attempt": "0"}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(held, f)
+    with pytest.raises(RunLeaseHeldError, match="leased by host tpu-host-7 pid 12"):
+        _taking_over(directory, monkeypatch, "/team/other/0", "0")
+    with pytest.raises(RunLeaseHeldError, match="leased by host tpu-host-7 pid 12"):
+        _taking_over(directory, monkeypatch, None, None)
+    said = _taking_over(directory, monkeypatch, "/team/exp2101/0", "1")
+    expected = "(it belongs to attempt 0 of this job (/team/exp2101/0), which this attempt replaced)"
+    assert any("taking over the stale lease" in m and m.endswith(expected) for m in said), said
+
+
+def test_a_torn_lease_is_taken_over_at_once(tmp_path, monkeypatch):
+    directory = str(tmp_path / "checkpoints" / "run")
+    os.makedirs(directory)
+    with open(f"{directory}/lease.json", "w") as f:
+        f.write('{"run_id": "run", "host": "h')  # the holder was killed while writing it
+    said = _taking_over(directory, monkeypatch, None, None)
+    torn = "(the lease file is torn (not the JSON record a holder writes))"
+    assert any("taking over the stale lease" in m and m.endswith(torn) for m in said), said
 
 
 def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path, shared_setup):

@@ -1,7 +1,8 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
-"""The tiny SimPO run on four (virtual CPU) devices, data parallel, fully sharded (FSDP) and tensor parallel, gives
-the single-device losses to within f32 rounding of the reordered reductions."""
+"""The tiny SimPO run on four (virtual CPU) devices, data parallel, fully sharded (FSDP) and tensor parallel, as a
+pod runs it (evaluation at step 0 and every four steps, checkpoints, the HF export, a rerun and a resume), gives the
+single-device losses and held-out metrics to within f32 rounding of the reordered reductions."""
 
 import re
 
@@ -44,6 +45,38 @@ def test_losses_match_one_device(single_device_runs, mesh_runs, mesh):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", MESHES)
+def test_held_out_metrics_match_one_device(single_device_runs, mesh_runs, mesh):
+    _, meshes = mesh_runs
+    reference, ours = single_device_runs.reference, meshes[mesh]["steps"]
+    evaluated = sorted(s for s, m in ours.items() if "eval/loss" in m)
+    assert evaluated == sorted(s for s, m in reference.items() if "eval/loss" in m)
+    assert evaluated[0] == 0 and evaluated[-1] == STEPS - 1, evaluated
+    names = [k for k in reference[evaluated[-1]] if k.startswith("eval/")]
+    assert "eval/length/margin_length_correlation" in names and "eval/rewards/accuracies" in names
+    for step in evaluated:
+        for name in names:
+            theirs = reference[step][name]
+            assert abs(ours[step][name] - theirs) <= LOSS_RTOL * max(abs(theirs), 1.0), (step, name, ours[step][name])
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_each_mesh_exports_and_a_rerun_changes_nothing(mesh_runs, mesh):
+    tmp, meshes = mesh_runs
+    assert (tmp / "hf" / mesh / f"step-{STEPS - 1}" / "config.json").exists()
+    again = meshes[f"{mesh}_again"]
+    assert not any("train/loss" in m for m in again["steps"].values())
+    assert any(f"Run {mesh} already finished: its checkpoint holds {STEPS} steps" in m for m in again["messages"])
+
+
+def test_a_run_on_a_mesh_resumes_when_extended(mesh_runs):
+    _, meshes = mesh_runs
+    extended = meshes["tensor_parallel_extended"]
+    assert f"Resuming SimPO training from step {STEPS}" in extended["messages"]
+    assert sorted(s for s, m in extended["steps"].items() if "train/loss" in m) == [STEPS, STEPS + 1]
+    assert "eval/loss" in extended["steps"][STEPS + 1]
+
+
 def test_final_parameters_match_one_device(single_device_runs, mesh_runs, mesh):
     tmp, _ = mesh_runs
 

@@ -53,6 +53,7 @@ from levanter.simpo.results.export import export_tokenizer, generation_eos_token
 from levanter.simpo.run.checkpoints import CheckpointRecords, resume_verified, training_identity
 from levanter.simpo.run.compilation_cache import with_compilation_cache
 from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
+from levanter.simpo.run.hosts import failing_together
 from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
 from levanter.simpo.run.nonfinite import NonFiniteGuard
 from levanter.trainer import Trainer, TrainerConfig
@@ -219,7 +220,8 @@ def main(config: TrainSimpoConfig):
             key=key,
         )
 
-    with RunLifecycle(config) as run, contextlib.ExitStack() as stack:
+    # a failure on any process of a multi-host run ends every process at once (levanter.simpo.run.hosts)
+    with failing_together(), RunLifecycle(config) as run, contextlib.ExitStack() as stack:
         data_key, model_key, training_key = jrandom.split(jrandom.PRNGKey(config.trainer.seed), 3)
         if config.data_seed is not None:
             logger.info(f"Overriding data seed with {config.data_seed}")
@@ -275,9 +277,13 @@ def main(config: TrainSimpoConfig):
         if layout.name != "padded":
             # another data-parallel width may round the rows a step otherwise, which would move every later batch
             identity["rows_per_step"] = str(trainer_config.train_batch_size)
+        # every save writes its record as part of saving (Levanter's Trainer keeps its checkpointer private)
+        checkpointer = config.trainer.checkpointer
+        save_roots = [checkpointer.expanded_path(trainer.run_id)]
+        save_roots += [p for p in [checkpointer.expanded_temporary_path(trainer.run_id)] if p is not None]
+        records = CheckpointRecords(trainer._checkpointer, save_roots, identity)
 
-        def build_state():
-            _, resuming = trainer.checkpoint_load_plan()
+        def build_state(resuming: bool):
             pretrained = bool(config.initialize_from_hf) or config.initialize_from_checkpoint_path is not None
             if pretrained and not resuming:
                 initial_model = load_source_model()
@@ -341,12 +347,7 @@ def main(config: TrainSimpoConfig):
         converter = model_context.converter
         if converter is not None:
             converter = converter.replaced(tokenizer=served_tokenizer)  # HF exports save the converter's tokenizer
-        # after Levanter's checkpoint hook, before the export hooks: a diverged step is recorded and never exported
-        checkpointer = config.trainer.checkpointer
-        save_roots = [checkpointer.expanded_path(trainer.run_id)]
-        save_roots += [p for p in [checkpointer.expanded_temporary_path(trainer.run_id)] if p is not None]
-        records = CheckpointRecords(save_roots, identity)
-        trainer.add_hook(records, every=1)
+        # before the export hooks: a diverged step is never exported
         if config.divergence.enabled:
             trainer.add_hook(DivergenceGuard(config.divergence, save_roots, records.mark_diverged), every=1)
 

@@ -24,10 +24,10 @@ import json
 import logging
 
 import fsspec
-import jax
 
 from levanter.data.text.datasets import UrlDatasetSourceConfig, _component_cache_path
 from levanter.data.text.preference import PreferenceLmDataConfig
+from levanter.simpo.run.hosts import agreed
 from levanter.store.cache import TreeCache
 
 from .sources import _display_name, build_caches_naming_bad_lines
@@ -165,14 +165,30 @@ def _record(cache: TreeCache, identity: dict | None) -> None:
 
 
 def build_identified_caches(config: PreferenceLmDataConfig, split: str) -> dict[str, TreeCache]:
-    """Levanter's ``build_caches`` for a split, with every cache tied to its sources (see the module docstring)."""
+    """Levanter's ``build_caches`` for a split, with every cache tied to its sources (see the module docstring).
+
+    With several processes, process 0 checks and clears the caches while the others wait for its verdict (a
+    refusal reaches them all); Levanter's builder then builds on process 0 while the others wait, and an error of
+    process 0's build is raised on every process."""
     identities = {name: source_identity(config, name, split) for name in config.components}
-    leader = jax.process_index() == 0  # one writer; Levanter's builder also builds on process 0 only
-    for name, identity in identities.items():
-        if leader:
+
+    def check_all() -> None:
+        for name, identity in identities.items():
             check_or_clear(config, name, split, identity)
-    caches = build_caches_naming_bad_lines(config, split)
-    for name, cache in caches.items():
-        if leader:
+
+    agreed(f"whether the {split} caches match their sources", check_all)
+    try:
+        caches, failure = build_caches_naming_bad_lines(config, split), None
+    except Exception as e:
+        caches, failure = {}, e
+
+    def leader_outcome() -> None:
+        if failure is not None:
+            raise failure
+        for name, cache in caches.items():
             _record(cache, identities.get(name))
+
+    agreed(f"building the {split} caches", leader_outcome)
+    if failure is not None:  # this process alone failed (process 0 built the caches)
+        raise failure
     return caches

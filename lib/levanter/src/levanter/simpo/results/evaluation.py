@@ -3,8 +3,7 @@
 """Held-out evaluation of a SimPO run: the loss and its metrics as exact means over the held-out pairs, and the
 length diagnostics (``levanter.simpo.results.length_diagnostics``)."""
 
-import equinox as eqx
-
+import haliax as hax
 import levanter.tracker
 from levanter import callbacks
 from levanter.callbacks import StepInfo
@@ -17,7 +16,9 @@ class HeldOutEvaluator:
     latest results for the summary."""
 
     def __init__(self, trainer: Trainer, datasets: dict[str, object], loss_fn, sft_weight: float):
-        @eqx.filter_jit
+        # under the trainer's compute mapping, as Levanter's own evaluators jit: on a mesh the batch and the
+        # parameters are sharded by it, and a plain jit would meet them with the parameter mapping's specs
+        @hax.named_jit(axis_resources=trainer.compute_axis_mapping)
         def eval_loss(model, batch):
             return loss_fn(trainer.mp.cast_to_compute(model), batch, key=None, length_diagnostics=True)
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from rigging.filesystem.atomic import atomic_rename
 from rigging.filesystem.storage_path import StoragePath, prefix_join
 
-from levanter.callbacks import Callback, StepInfo
+from levanter.simpo.run.hosts import agreed
+from levanter.utils.jax_utils import multihost_allgather_sync
 
 logger = logging.getLogger(__name__)
 
@@ -204,31 +205,36 @@ def checkpoint_dirs(roots: list[str]) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-class CheckpointRecords(Callback):
-    """Writes ``simpo_record.json`` into each checkpoint Levanter saves. Install with ``trainer.add_hook(records,
-    every=1)``: it runs after Levanter's checkpoint hook in the same step, with the same state."""
+class CheckpointRecords:
+    """Makes ``simpo_record.json`` part of every save of Levanter's checkpointer.
 
-    def __init__(self, roots: list[str], identity: Mapping[str, Any]):
+    The checkpointer decides whether to save at a step on process 0 and tells every process; each save then comes
+    through ``save_checkpoint`` on every process. Wrapped here, every process computes the checksums of the tree
+    being saved (a reduction over the sharded state) and process 0 writes the record into the step's directory
+    before the arrays' asynchronous write begins. Levanter writes ``metadata.json`` last, so a committed checkpoint
+    always has its record, whatever a later hook of the same step does."""
+
+    def __init__(self, checkpointer, roots: list[str], identity: Mapping[str, Any]):
         self._roots = roots
         self._identity = dict(identity)
-        # a complete checkpoint found at start was recorded by the run that wrote it
-        self._done = {path for _, path in checkpoint_dirs(roots) if _exists(prefix_join(path, "metadata.json"))}
+        self._base_path = checkpointer.base_path
+        self._save = checkpointer.save_checkpoint
+        # an attribute of this one instance, not a change to Levanter's class
+        checkpointer.save_checkpoint = self._save_with_record
 
-    def on_step(self, info: StepInfo, force: bool = False):
-        for root in self._roots:
-            path = prefix_join(root, f"step-{info.step}")
-            if path in self._done or not _exists(path):
-                continue
-            # Levanter saves info.state.saveable_state under this directory; the record describes those arrays.
-            # Every process takes part in the reduction over the sharded state; process 0 writes, as Levanter does.
-            record = {
-                "step": info.step,
-                "identity": self._identity,
-                "checksums": state_checksums(info.state.saveable_state),
-            }
-            if jax.process_index() == 0:
-                _write_json(prefix_join(path, RECORD), record)
-            self._done.add(path)
+    def _save_with_record(
+        self, tree, step, destination, commit_callback=None, *, is_temporary=False, base_path_override=None
+    ):
+        base = base_path_override if base_path_override is not None else self._base_path
+        path = prefix_join(base, destination)
+        record = {"step": int(step), "identity": self._identity, "checksums": state_checksums(tree)}
+        if jax.process_index() == 0:
+            fs, plain = fsspec.core.url_to_fs(path)
+            fs.makedirs(plain, exist_ok=True)
+            _write_json(prefix_join(path, RECORD), record)
+        return self._save(
+            tree, step, destination, commit_callback, is_temporary=is_temporary, base_path_override=base_path_override
+        )
 
     def mark_diverged(self, step: int) -> None:
         """Marks the checkpoints holding the parameters that made step ``step``'s loss diverge, and later ones, so
@@ -248,10 +254,11 @@ def _problem(path: str) -> tuple[str | None, dict | None]:
         record = _read_json(prefix_join(path, RECORD))
     except ValueError as e:
         return f"damaged: its {RECORD} is not valid JSON ({e})", None
+    if record is not None and not isinstance(record, dict):
+        return f"damaged: its {RECORD} is not a JSON object", None
     if not _exists(prefix_join(path, "metadata.json")):
-        if record is None:
-            return "incomplete: no metadata.json (its write never finished)", None
-        return "damaged: its metadata.json is missing", record
+        # Levanter writes metadata.json last: without it the save never finished, whatever else is there
+        return "incomplete: no metadata.json (its write never finished)", None
     if record is None:
         return f"unverifiable: no {RECORD} (the run stopped before recording it)", None
     if "diverged_at_step" in record:
@@ -284,36 +291,60 @@ def _move_aside(paths: list[str]) -> None:
         logger.warning(f"Moved {path} aside to {destination}: this run trains its step again")
 
 
+def _mismatch(path: str, diff: list[str]) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"Checkpoint {path} was trained with another configuration than this run's:\n  "
+        + "\n  ".join(diff)
+        + "\nResuming would mix two trainings in one run. Start a new run (another --trainer.id), or pass "
+        "--allow_config_change true to continue this one deliberately with the new values."
+    )
+
+
+def _read_checkpoints(roots: list[str], identity: Mapping[str, Any]) -> list[dict]:
+    """Process 0's reading of the run's checkpoints, newest first: each with why it cannot be resumed from, or
+    with its configuration diff and recorded checksums."""
+    found = []
+    for step, path in checkpoint_dirs(roots):
+        problem, record = _problem(path)
+        if problem is None and record is not None and not isinstance(record.get("checksums"), Mapping):
+            problem = f"damaged: its {RECORD} holds no checksums"
+        if problem is not None:
+            found.append({"step": step, "path": path, "problem": problem})
+        else:
+            assert record is not None
+            diff = identity_diff(record.get("identity") or {}, identity)
+            found.append({"step": step, "path": path, "diff": diff, "checksums": record["checksums"]})
+    return found
+
+
 def resume_verified(
-    trainer, initial_state: Callable[[], S], identity: Mapping[str, Any], *, allow_config_change: bool
+    trainer, initial_state: Callable[[bool], S], identity: Mapping[str, Any], *, allow_config_change: bool
 ) -> S:
-    """``initial_state()`` (which calls ``trainer.initial_state``) loaded from the run's newest checkpoint that is
-    complete, healthy and intact and trained with ``identity``, or from scratch when the run has no checkpoint."""
+    """``initial_state(resuming)`` (which calls ``trainer.initial_state``) loaded from the run's newest checkpoint
+    that is complete, healthy and intact and trained with ``identity``, or from scratch when the run has no
+    checkpoint. Process 0 reads the checkpoints and every process acts on that one reading; a checkpoint that fails
+    to load on any process is skipped by all."""
     if trainer.config.load_checkpoint is False:
-        return initial_state()
-    candidates = checkpoint_dirs(trainer.checkpoint_search_paths)
-    if not candidates:
-        return initial_state()
+        return initial_state(False)
+    roots = trainer.checkpoint_search_paths
+    checkpoints = agreed("which checkpoints the run has", lambda: _read_checkpoints(roots, identity))
+    if not checkpoints:
+        trainer.config.load_checkpoint = False  # every process starts fresh, whatever its own view of storage
+        return initial_state(False)
     skipped: list[tuple[str, str]] = []
 
     def skip(path: str, why: str):
         logger.warning(f"Not resuming from checkpoint {path}: {why}")
         skipped.append((path, why))
 
-    for step, path in candidates:
-        problem, record = _problem(path)
-        if problem is not None:
-            skip(path, problem)
+    for checkpoint in checkpoints:
+        step, path = checkpoint["step"], checkpoint["path"]
+        if "problem" in checkpoint:
+            skip(path, checkpoint["problem"])
             continue
-        assert record is not None
-        diff = identity_diff(record["identity"], identity)
+        diff = checkpoint["diff"]
         if diff and not allow_config_change:
-            raise CheckpointMismatchError(
-                f"Checkpoint {path} was trained with another configuration than this run's:\n  "
-                + "\n  ".join(diff)
-                + "\nResuming would mix two trainings in one run. Start a new run (another --trainer.id), or pass "
-                "--allow_config_change true to continue this one deliberately with the new values."
-            )
+            raise _mismatch(path, diff)
         if diff:
             logger.warning(
                 f"Resuming from {path} with a deliberate configuration change (allow_config_change):\n  "
@@ -321,12 +352,18 @@ def resume_verified(
             )
         # pin Levanter's loader to this checkpoint instead of the newest directory with a metadata.json
         trainer.config.load_checkpoint_path = path
+        trainer.config.load_checkpoint = True
+        state, failure = None, None
         try:
-            state = initial_state()
+            state = initial_state(True)
         except Exception as e:  # a damaged file fails inside tensorstore with many error types
-            skip(path, f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            failure = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        failures = multihost_allgather_sync(failure) if jax.process_count() > 1 else [failure]
+        failure = next((f for f in failures if f is not None), None)
+        if failure is not None:
+            skip(path, failure)
             continue
-        problem = _checksum_problem(record["checksums"], state_checksums(state.saveable_state))
+        problem = _checksum_problem(checkpoint["checksums"], state_checksums(state.saveable_state))
         if problem is not None:
             skip(path, problem)
             continue

@@ -17,6 +17,7 @@ import math
 
 from levanter.callbacks import Callback, StepInfo
 from levanter.checkpoint import discover_checkpoint_candidates
+from levanter.simpo.run.hosts import agreed
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,14 @@ class DivergenceGuard(Callback):
 
     def _report(self, step: int, loss: float, factor: float, recent_max: float) -> DivergedTrainingError:
         # parameters saved at step - 1 produced this loss; everything from there on is diverged
-        healthy = discover_checkpoint_candidates(*self._roots, max_step=step - 2) if self._roots else []
-        last_healthy = healthy[-1].path if healthy else None
-        if self._on_diverged is not None:
-            self._on_diverged(step)
+        def last_healthy_checkpoint() -> str | None:
+            healthy = discover_checkpoint_candidates(*self._roots, max_step=step - 2) if self._roots else []
+            if self._on_diverged is not None:
+                self._on_diverged(step)
+            return healthy[-1].path if healthy else None
+
+        # every process computed the same loss and stops here; process 0 reads storage once for all of them
+        last_healthy = agreed("the last healthy checkpoint", last_healthy_checkpoint)
         message = (
             f"SimPO training step {step}: the loss diverged: {loss:.6g} is {factor:.3g} times the largest of the last "
             f"{len(self._recent)} losses ({recent_max:.6g}, floor {self._config.floor:g}), above divergence.factor="

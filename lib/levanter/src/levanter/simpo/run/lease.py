@@ -3,7 +3,9 @@
 """The lease that makes one process the only writer of a run's checkpoint directory: ``lease.json``, created
 exclusively (``O_EXCL`` on local disk; object stores through fsspec with a create-if-absent open where the driver
 has one, else write then read back), renewed by a thread of its own, released when the run ends, and taken over
-when its holder is gone."""
+when its holder is gone: a dead process on this host, an earlier attempt of the same scheduler job (a restarted pod
+lands on other hosts, where the holder's pid means nothing), a lease not renewed for ``LEASE_STALE_AFTER``, or a
+torn lease file."""
 
 import contextlib
 import datetime
@@ -30,6 +32,21 @@ data cache, compiling, saving), until it releases it."""
 
 class RunLeaseHeldError(RuntimeError):
     """Another live process holds this run's checkpoint directory."""
+
+
+def job_attempt() -> tuple[str | None, str | None]:
+    """The scheduler job this process runs in, the same for every attempt of it, and this attempt: ``SIMPO_JOB_ID``
+    (and ``SIMPO_JOB_ATTEMPT``) when an operator sets them, else Iris's task id (``/user/job/0:2`` is attempt 2 of
+    task ``/user/job/0``), else Slurm's job id and restart count; ``(None, None)`` outside a scheduler."""
+    if os.environ.get("SIMPO_JOB_ID"):
+        return os.environ["SIMPO_JOB_ID"], os.environ.get("SIMPO_JOB_ATTEMPT")
+    iris_task = os.environ.get("IRIS_TASK_ID")
+    if iris_task:
+        task, _, attempt = iris_task.rpartition(":")
+        return (task, attempt) if task else (iris_task, None)
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm:{os.environ['SLURM_JOB_ID']}", os.environ.get("SLURM_RESTART_COUNT", "0")
+    return None, None
 
 
 def _process_alive(pid: int, started: float | None) -> bool:
@@ -61,6 +78,7 @@ class RunLease:
             "process_started": psutil.Process().create_time(),
             "token": uuid.uuid4().hex,
         }
+        self._record["job"], self._record["attempt"] = job_attempt()
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -81,9 +99,11 @@ class RunLease:
             if stale is None:
                 raise RunLeaseHeldError(
                     f"Run {self.run_id} is already running: its checkpoint directory is leased by host "
-                    f"{holder.get('host')} pid {holder.get('pid')} since {_when(holder.get('taken'))} "
-                    f"({self.path}). Two writers would overwrite each other's checkpoints and exports; wait for "
-                    "that process to end or stop it, or use another trainer.id."
+                    f"{holder.get('host')} pid {holder.get('pid')}{_of_job(holder)} since "
+                    f"{_when(holder.get('taken'))} ({self.path}). Two writers would overwrite each other's "
+                    "checkpoints and exports; wait for that process to end or stop it, or use another trainer.id. "
+                    f"A lease on another host that is not renewed is taken over after "
+                    f"{LEASE_STALE_AFTER.total_seconds() / 60:.0f} minutes."
                 )
             logger.warning(
                 f"Run {self.run_id}: taking over the stale lease {self.path} of host {holder.get('host')} pid "
@@ -145,10 +165,20 @@ class RunLease:
 
     def _staleness(self, holder: dict) -> str | None:
         """Why ``holder`` no longer holds the lease, or None if it may still."""
+        if "token" not in holder:
+            time.sleep(1.0)  # a lease being created is empty for an instant; a torn one stays so
+            again = self._read()
+            if again is None or "token" in again:
+                return None
+            return "the lease file is torn (not the JSON record a holder writes)"
         if holder.get("host") == self._record["host"] and isinstance(holder.get("pid"), int):
             if _process_alive(holder["pid"], holder.get("process_started")):
                 return None
             return "that process is gone"
+        job, attempt = self._record["job"], self._record["attempt"]
+        if job is not None and holder.get("job") == job and holder.get("attempt") != attempt:
+            # a scheduler runs one attempt of a job at a time: this one replaced the holder's
+            return f"it belongs to attempt {holder.get('attempt')} of this job ({job}), which this attempt replaced"
         renewed = holder.get("renewed")
         if renewed is None:
             renewed = self._fs.modified(self._plain).timestamp()
@@ -156,6 +186,12 @@ class RunLease:
         if age > LEASE_STALE_AFTER.total_seconds():
             return f"not renewed for {age:.0f} s"
         return None
+
+
+def _of_job(holder: dict) -> str:
+    if holder.get("job") is None:
+        return ""
+    return f" (job {holder['job']}, attempt {holder.get('attempt')})"
 
 
 def _when(timestamp: float | None) -> str:

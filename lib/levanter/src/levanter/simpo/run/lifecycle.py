@@ -1,7 +1,7 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
 """The lifecycle of one SimPO run around Levanter's trainer: what it refuses at start, the lease that makes it the
-only writer of its checkpoints (``simpo_lease``), preemption (``simpo_preemption``), the no-op rerun of a finished
+only writer of its checkpoints (``lease``), preemption (``preemption``), the no-op rerun of a finished
 run, and a clean exit.
 
 ``main`` uses it as::
@@ -29,6 +29,7 @@ import fsspec
 import jax
 
 from levanter.callbacks import StepInfo
+from levanter.simpo.run.hosts import agreed
 from levanter.simpo.run.lease import RunLease
 from levanter.simpo.run.preemption import Preemption, RunPreempted
 
@@ -141,8 +142,8 @@ class RunLifecycle:
         # before the lease, so a run that holds it also handles SIGTERM
         self.preemption.install()
         try:
-            if self._is_primary:
-                self._lease.acquire()
+            # process 0 takes it; every process learns the outcome, so a refusal stops them all at once
+            agreed("the lease on the run's checkpoint directory", self._lease.acquire)
         except BaseException:
             self.preemption.uninstall()
             raise
