@@ -62,7 +62,39 @@ from levanter.utils.jax_utils import parameter_count
 logger = logging.getLogger(__name__)
 
 # the objective's public names, where users and the plan import them from
-__all__ = ["LossType", "TrainSimpoConfig", "_average_logp", "main", "simpo_loss", "simpo_loss_from_logps"]
+__all__ = [
+    "LossType",
+    "TrainSimpoConfig",
+    "_average_logp",
+    "main",
+    "reference_optimizer",
+    "simpo_loss",
+    "simpo_loss_from_logps",
+]
+
+
+def reference_optimizer() -> AdamConfig:
+    """The optimizer of the SimPO reference trainer's Llama-3-Base recipe (the ``Llama3-Base`` row of SIMPO.md's
+    hyperparameter table and ``training_configs/llama-3-8b-base-simpo.yaml`` of princeton-nlp/SimPO): AdamW at lr
+    6e-7, cosine decay after 10% warmup. What that recipe leaves unset comes from the Hugging Face Trainer it runs
+    on: weight decay 0, Adam betas (0.9, 0.999), epsilon 1e-8, gradients clipped to norm 1.0, and a cosine that
+    decays to 0. Levanter's own AdamConfig defaults (lr 6e-4, weight decay 0.1, beta2 0.95, 1% warmup, decay to
+    10%) are a pretraining recipe.
+
+    draccus decodes an ``optimizer`` block of a YAML (or any ``--optimizer.*`` flag) into a new AdamConfig with
+    Levanter's defaults for the fields it does not set, not into this one: a config that changes one optimizer field
+    states the others too, as ``simpo_ultrafeedback_llama3_8b.yaml`` and ``simpo_tiny_gpt2.yaml`` do."""
+    return AdamConfig(
+        learning_rate=6e-7,
+        weight_decay=0.0,
+        beta1=0.9,
+        beta2=0.999,
+        epsilon=1e-8,
+        warmup=0.1,
+        lr_schedule="cosine",
+        min_lr_ratio=0.0,
+        max_grad_norm=1.0,
+    )
 
 
 @dataclass
@@ -71,7 +103,8 @@ class TrainSimpoConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: LmConfig = field(default_factory=LlamaConfig)
     train_seq_len: int | None = None
-    optimizer: OptimizerConfig = field(default_factory=AdamConfig)
+    optimizer: OptimizerConfig = field(default_factory=reference_optimizer)
+    """Without an ``optimizer`` block, the SimPO reference recipe's (:func:`reference_optimizer`)."""
     adapter: AdaptorConfig = field(default_factory=NoAdaptorConfig)
 
     beta: float = 2.0
