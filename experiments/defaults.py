@@ -28,6 +28,7 @@ from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.models.lm_model import LmConfig
 from levanter.optim.config import AdamConfig
 from levanter.schedule import BatchSchedule
+from levanter.simpo.run.tags import FORBIDDEN_RUN_TAG, PREFERENCE_RUN_TAG
 from levanter.store.cache import CacheLedger, CacheMetadata
 from levanter.tokenizers import load_tokenizer
 from levanter.tracker.wandb import WandbConfig
@@ -44,10 +45,6 @@ from marin.processing.tokenize.cache_stats import read_tokenized_cache_stats
 from marin.processing.tokenize.tokenize import TokenizeConfig, TokenizedCache, tokenize
 from marin.training.simpo import TrainSimpoOnPodConfig, run_levanter_train_simpo
 from marin.training.training import LevanterCheckpoint, resolve_training_env
-
-# Run tags stay "dpo" for SimPO: dashboards and sweeps select preference runs by that tag.
-PREFERENCE_RUN_TAG = "dpo"
-_FORBIDDEN_RUN_TAG = "simpo"
 
 # Marin's standard data-parallel layout (as in marin.experiment.train): the token axes ride the replica and
 # data mesh axes. Hardware plumbing, not an experiment choice.
@@ -243,8 +240,9 @@ def _check_lengths(name: str, model_config: LmConfig, config: SimpleSimPOConfig)
 
 
 def _run_tags(tags: Sequence[str]) -> list[str]:
-    if any(tag.lower() == _FORBIDDEN_RUN_TAG for tag in tags):
-        raise ValueError(f"Tag SimPO runs {PREFERENCE_RUN_TAG!r}, not {_FORBIDDEN_RUN_TAG!r} (legacy convention)")
+    # the convention train_simpo applies to every W&B tracker (levanter.simpo.run.tags), refused here at graph build
+    if any(tag.lower() == FORBIDDEN_RUN_TAG for tag in tags):
+        raise ValueError(f"Tag SimPO runs {PREFERENCE_RUN_TAG!r}, not {FORBIDDEN_RUN_TAG!r} (legacy convention)")
     return [*tags] if PREFERENCE_RUN_TAG in tags else [*tags, PREFERENCE_RUN_TAG]
 
 

@@ -55,6 +55,7 @@ from levanter.simpo.run.compilation_cache import with_compilation_cache
 from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
 from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
 from levanter.simpo.run.nonfinite import NonFiniteGuard
+from levanter.simpo.run.tags import check_run_tags, tag_preference_run
 from levanter.trainer import Trainer, TrainerConfig
 from levanter.trainer_state import trainables_only
 from levanter.utils.jax_utils import parameter_count
@@ -196,6 +197,7 @@ def validate_config(config: TrainSimpoConfig) -> None:
                 f"data component {name!r} sets mask_user_turns: false, which trains on prompt and padding tokens; "
                 "SimPO averages over completion tokens only"
             )
+    check_run_tags(config.trainer)
     validate_run_settings(config)
 
 
@@ -205,6 +207,7 @@ def _restore_from_partial_checkpoint(checkpointed: LmHeadModel, source: LmHeadMo
 
 def main(config: TrainSimpoConfig):
     validate_config(config)
+    config = dataclasses.replace(config, trainer=tag_preference_run(config.trainer))
     config = dataclasses.replace(config, trainer=with_compilation_cache(config.trainer))
 
     tokenizer = config.data.the_tokenizer
