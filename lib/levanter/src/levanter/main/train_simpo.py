@@ -30,7 +30,7 @@ from levanter.adaptor import AdaptorConfig, AdaptorExportConfig, NoAdaptorConfig
 from levanter.callbacks import StepInfo
 from levanter.compat.hf_checkpoints import build_generation_config
 from levanter.data.simpo.shared_prompt import PrefixSharedPairs
-from levanter.data.simpo.splits import build_preference_splits
+from levanter.data.simpo.splits import build_preference_splits, component_format
 from levanter.data.simpo.stats import write_pair_stats
 from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
@@ -192,7 +192,7 @@ def validate_config(config: TrainSimpoConfig) -> None:
     if config.initialize_from_hf and config.trainer.initialize_from is not None:
         raise ValueError("Cannot specify both initialize_from_hf and trainer.initialize_from")
     for name, component in config.data.components.items():
-        if not getattr(component.format, "mask_user_turns", True):
+        if not getattr(component_format(name, component), "mask_user_turns", True):
             raise ValueError(
                 f"data component {name!r} sets mask_user_turns: false, which trains on prompt and padding tokens; "
                 "SimPO averages over completion tokens only"
