@@ -11,6 +11,7 @@ experiment's ``--run``.
 import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
 import jmp
 from fray.types import GpuConfig, ResourceConfig
@@ -22,12 +23,13 @@ from levanter.adaptor import NoAdaptorConfig
 from levanter.checkpoint import CheckpointerConfig
 from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.simpo.splits import num_validation_pairs
-from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
+from levanter.data.text.datasets import DatasetComponent, DatasetComponentBase, UrlDatasetSourceConfig
 from levanter.data.text.preference import PreferenceChatLmDatasetFormat, PreferenceLmDataConfig
 from levanter.main.train_simpo import TrainSimpoConfig
 from levanter.models.lm_model import LmConfig
 from levanter.optim.config import AdamConfig
 from levanter.schedule import BatchSchedule
+from levanter.simpo.run.tags import FORBIDDEN_RUN_TAG, PREFERENCE_RUN_TAG
 from levanter.store.cache import CacheLedger, CacheMetadata
 from levanter.tokenizers import load_tokenizer
 from levanter.tracker.wandb import WandbConfig
@@ -45,10 +47,6 @@ from marin.processing.tokenize.tokenize import TokenizeConfig, TokenizedCache, t
 from marin.training.simpo import TrainSimpoOnPodConfig, run_levanter_train_simpo
 from marin.training.training import LevanterCheckpoint, resolve_training_env
 
-# Run tags stay "dpo" for SimPO: dashboards and sweeps select preference runs by that tag.
-PREFERENCE_RUN_TAG = "dpo"
-_FORBIDDEN_RUN_TAG = "simpo"
-
 # Marin's standard data-parallel layout (as in marin.experiment.train): the token axes ride the replica and
 # data mesh axes. Hardware plumbing, not an experiment choice.
 _TOKEN_AXES = (ResourceAxis.REPLICA_DCN, ResourceAxis.REPLICA, ResourceAxis.DATA)
@@ -62,7 +60,11 @@ class TokenizedPreferenceCache(TokenizedCache):
 
     @property
     def format(self) -> PreferenceChatLmDatasetFormat:
-        recorded = ((self.record.config if self.record is not None else None) or {}).get("format", {})
+        record_format = ((self.record.config if self.record is not None else None) or {}).get("format") or {}
+        if not isinstance(record_format, dict):
+            raise ValueError(f"{self.path}: the cache record's format is not a mapping: {record_format!r}")
+        # JSON values, passed to the format's own fields
+        recorded: dict[str, Any] = record_format
         # the record holds the format's fields without its type; only preference_prompt_completion has these
         kind = PromptCompletionPreferenceFormat if "completion_tokens" in recorded else PreferenceChatLmDatasetFormat
         fields = {f.name for f in dataclasses.fields(kind)}
@@ -109,13 +111,14 @@ def default_preference_tokenize(
         raise ValueError(f"{name}: provide exactly one of raw (with glob) or paths")
     if (raw is None) != (glob is None):
         raise ValueError(f"{name}: raw and glob must be given together")
+    given_paths = [*paths] if paths is not None else []
     if pairs is not None:
         data_format = pairs.pair_format(chat_template)
     else:
         data_format = PromptCompletionPreferenceFormat(chat_template=chat_template)
 
     def build_config(ctx: StepContext) -> TokenizeConfig:
-        inputs = [f"{ctx.artifact_path(raw)}/{glob}"] if raw is not None else [*paths]
+        inputs = [f"{ctx.artifact_path(raw)}/{glob}"] if raw is not None else given_paths
         return TokenizeConfig(
             train_paths=[] if validation else inputs,
             validation_paths=inputs if validation else [],
@@ -156,7 +159,11 @@ def _training_format(
     return recorded
 
 
-def _with_training_format(name: str, component: DatasetComponent, config: SimpleSimPOConfig) -> DatasetComponent:
+def _with_training_format(
+    name: str, component: DatasetComponentBase, config: SimpleSimPOConfig
+) -> DatasetComponentBase:
+    if not isinstance(component, DatasetComponent):
+        raise ValueError(f"preference cache {name!r} is a {type(component).__name__}, not a cache-backed component")
     if not isinstance(component.format, PromptCompletionPreferenceFormat):
         # its |y| and cuts would differ from the Levanter YAMLs', and the run's budgets could not apply
         raise ValueError(
@@ -196,10 +203,15 @@ def _preference_data(
             permutation_type="feistel",
         )
     # mixture() reads each cache's tokenizer, format and location from its record
-    data = PreferenceLmDataConfig.from_lm_data_config(mixture(ctx, dict(train), validation=validation, shuffle=True))
+    # ArtifactStep's type parameter is invariant in Marin, though a step that makes a TokenizedPreferenceCache makes
+    # a TokenizedCache, all that mixture reads
+    lm_data = mixture(ctx, dict(train), validation=validation, shuffle=True)  # type: ignore[arg-type]
+    data = PreferenceLmDataConfig.from_lm_data_config(lm_data)
     if expected_tokenizer is not None and data.tokenizer != expected_tokenizer:
         raise ValueError(f"The preference caches were tokenized with {data.tokenizer}, not {expected_tokenizer}")
-    components = {name: _with_training_format(name, c, config) for name, c in data.components.items()}
+    components: dict[str, DatasetComponentBase] = {
+        name: _with_training_format(name, c, config) for name, c in data.components.items()
+    }
     return dataclasses.replace(data, components=components)
 
 
@@ -243,8 +255,9 @@ def _check_lengths(name: str, model_config: LmConfig, config: SimpleSimPOConfig)
 
 
 def _run_tags(tags: Sequence[str]) -> list[str]:
-    if any(tag.lower() == _FORBIDDEN_RUN_TAG for tag in tags):
-        raise ValueError(f"Tag SimPO runs {PREFERENCE_RUN_TAG!r}, not {_FORBIDDEN_RUN_TAG!r} (legacy convention)")
+    # the convention train_simpo applies to every W&B tracker (levanter.simpo.run.tags), refused here at graph build
+    if any(tag.lower() == FORBIDDEN_RUN_TAG for tag in tags):
+        raise ValueError(f"Tag SimPO runs {PREFERENCE_RUN_TAG!r}, not {FORBIDDEN_RUN_TAG!r} (legacy convention)")
     return [*tags] if PREFERENCE_RUN_TAG in tags else [*tags, PREFERENCE_RUN_TAG]
 
 

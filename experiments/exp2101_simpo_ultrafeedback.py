@@ -27,7 +27,10 @@ from fray.types import ResourceConfig
 
 from experiments.defaults import default_preference_tokenize, default_simpo
 from experiments.simple_simpo_config import SimpleSimPOConfig
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.splits import component_format
 from levanter.main.train_simpo import TrainSimpoConfig
+from levanter.tracker.wandb import WandbConfig
 from marin.execution.lazy import ArtifactStep
 from marin.experiment.cli import experiment_main
 from marin.experiment.data import hf_download
@@ -41,9 +44,25 @@ def load_recipe() -> TrainSimpoConfig:
         return draccus.load(TrainSimpoConfig, f)
 
 
+def _sft_model(config: TrainSimpoConfig) -> str:
+    """The SFT checkpoint the recipe starts from, whose id also names the tokenizer."""
+    if not isinstance(config.initialize_from_hf, str):
+        raise ValueError(f"{RECIPE_PATH} names no SFT checkpoint in initialize_from_hf: {config.initialize_from_hf!r}")
+    return config.initialize_from_hf
+
+
+def _recipe_tags(config: TrainSimpoConfig) -> list[str]:
+    tracker = config.trainer.tracker
+    if not isinstance(tracker, WandbConfig):
+        raise ValueError(f"{RECIPE_PATH}: exp2101 takes its run tags from one wandb tracker, got {tracker!r}")
+    return tracker.tags
+
+
 recipe = load_recipe()
-(recipe_format,) = (component.format for component in recipe.data.components.values())
-SFT_MODEL = recipe.initialize_from_hf
+(recipe_format,) = (component_format(name, component) for name, component in recipe.data.components.items())
+if not isinstance(recipe_format, PromptCompletionPreferenceFormat):
+    raise ValueError(f"{RECIPE_PATH}: the recipe's data format is {type(recipe_format).__name__}, not a SimPO one")
+SFT_MODEL = _sft_model(recipe)
 LLAMA3_CHAT_TEMPLATE = recipe_format.chat_template
 
 simpo_config = SimpleSimPOConfig.from_train_config(
@@ -91,7 +110,7 @@ def build() -> ArtifactStep[LevanterCheckpoint]:
         recipe.model,
         simpo_config,
         validation=[test_prefs],
-        tags=recipe.trainer.tracker.tags,
+        tags=_recipe_tags(recipe),
     )
 
 

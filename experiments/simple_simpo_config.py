@@ -8,14 +8,16 @@ decay after 10% warmup); the loss variants (hinge, label smoothing, SFT term) ar
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 from fray.types import ResourceConfig
 
 from levanter.adaptor import LoraAdaptorConfig
 from levanter.data.simpo.prompt_completion import CompletionTokens, PromptCompletionPreferenceFormat
+from levanter.data.simpo.splits import component_format
 from levanter.data.simpo.truncation import TruncationMode
 from levanter.main.train_simpo import LossType, TrainSimpoConfig
-from levanter.optim.config import AdamConfig
+from levanter.optim.config import AdamConfig, LrSchedule
 from levanter.schedule import IntSchedule
 from levanter.simpo.objective.layouts import PairLayoutName
 
@@ -73,7 +75,8 @@ class SimpleSimPOConfig:
     weight_decay: float = 0.0
     warmup: float = 0.1
     """Fraction of the steps (or, if > 1, the number of steps) spent warming up the learning rate."""
-    lr_schedule: str = "cosine"
+    lr_schedule: LrSchedule | str = "cosine"
+    """A schedule name, or a Levanter ``LrSchedule`` where the schedule takes settings (a YAML's ``type: ...``)."""
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     beta1: float = 0.9
@@ -120,17 +123,22 @@ class SimpleSimPOConfig:
         ``marin_choices`` sets the rest (``resources`` at least) and may not restate a recipe field."""
         if not isinstance(config.optimizer, AdamConfig):
             raise ValueError(f"a SimPO recipe's optimizer must be adam, got {type(config.optimizer).__name__}")
-        formats = [c.format for c in config.data.components.values()]
+        formats = [component_format(name, c) for name, c in config.data.components.items()]
         if len(formats) != 1:
             raise ValueError(f"a SimPO recipe has one data component; got {len(formats)}")
         (data_format,) = formats
+        if not isinstance(data_format, PromptCompletionPreferenceFormat):
+            raise ValueError(
+                f"a SimPO recipe's data format is preference_prompt_completion, got {type(data_format).__name__}"
+            )
         if not isinstance(config.initialize_from_hf, str):
             raise ValueError("a SimPO recipe names its initial HF checkpoint in initialize_from_hf")
         optimizer = config.optimizer
         seq_len = config.train_seq_len if config.train_seq_len is not None else config.model.max_seq_len
-        if getattr(data_format, "max_length", None) not in (None, seq_len):
+        if data_format.max_length not in (None, seq_len):
             raise ValueError(f"the recipe's max_length {data_format.max_length} is not its sequence length {seq_len}")
-        recipe = dict(
+        # keyword arguments of this class, each checked by its field's type below
+        recipe: dict[str, Any] = dict(
             train_batch_size=config.trainer.train_batch_size,
             pair_layout=config.pair_layout,
             max_pairs_per_row=config.max_pairs_per_row,

@@ -9,6 +9,7 @@ from fray.types import ResourceConfig
 
 from experiments.defaults import default_preference_tokenize, default_simpo
 from experiments.simple_simpo_config import SimpleSimPOConfig
+from levanter.main.train_simpo import reference_optimizer
 from levanter.models.gpt2 import Gpt2Config
 from marin.execution.lazy import StepContext
 
@@ -111,6 +112,8 @@ def test_sequence_lengths_are_checked_when_the_graph_is_built():
 def test_the_run_carries_the_reference_adam_and_pair_budgets():
     config = _train_config(_simpo(max_seq_len=512, max_prompt_length=400, truncation_mode="keep_start"))
     assert (config.optimizer.beta1, config.optimizer.beta2, config.optimizer.epsilon) == (0.9, 0.999, 1e-8)
+    # the Marin door's defaults and the Levanter entrypoint's are one recipe
+    assert config.optimizer == reference_optimizer()
     (component,) = config.data.components.values()
     fmt = component.format
     assert (fmt.completion_tokens, fmt.max_length, fmt.max_prompt_length, fmt.truncation_mode) == (

@@ -30,7 +30,7 @@ from levanter.adaptor import AdaptorConfig, AdaptorExportConfig, NoAdaptorConfig
 from levanter.callbacks import StepInfo
 from levanter.compat.hf_checkpoints import build_generation_config
 from levanter.data.simpo.shared_prompt import PrefixSharedPairs
-from levanter.data.simpo.splits import build_preference_splits
+from levanter.data.simpo.splits import build_preference_splits, component_format
 from levanter.data.simpo.stats import write_pair_stats
 from levanter.data.text.preference import DpoExample, PreferenceLmDataConfig
 from levanter.main.model_init import load_model_from_source, prepare_model_init_context
@@ -56,6 +56,7 @@ from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
 from levanter.simpo.run.hosts import failing_together
 from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
 from levanter.simpo.run.nonfinite import NonFiniteGuard
+from levanter.simpo.run.tags import check_run_tags, tag_preference_run
 from levanter.trainer import Trainer, TrainerConfig
 from levanter.trainer_state import trainables_only
 from levanter.utils.jax_utils import parameter_count
@@ -63,7 +64,39 @@ from levanter.utils.jax_utils import parameter_count
 logger = logging.getLogger(__name__)
 
 # the objective's public names, where users and the plan import them from
-__all__ = ["LossType", "TrainSimpoConfig", "_average_logp", "main", "simpo_loss", "simpo_loss_from_logps"]
+__all__ = [
+    "LossType",
+    "TrainSimpoConfig",
+    "_average_logp",
+    "main",
+    "reference_optimizer",
+    "simpo_loss",
+    "simpo_loss_from_logps",
+]
+
+
+def reference_optimizer() -> AdamConfig:
+    """The optimizer of the SimPO reference trainer's Llama-3-Base recipe (the ``Llama3-Base`` row of SIMPO.md's
+    hyperparameter table and ``training_configs/llama-3-8b-base-simpo.yaml`` of princeton-nlp/SimPO): AdamW at lr
+    6e-7, cosine decay after 10% warmup. What that recipe leaves unset comes from the Hugging Face Trainer it runs
+    on: weight decay 0, Adam betas (0.9, 0.999), epsilon 1e-8, gradients clipped to norm 1.0, and a cosine that
+    decays to 0. Levanter's own AdamConfig defaults (lr 6e-4, weight decay 0.1, beta2 0.95, 1% warmup, decay to
+    10%) are a pretraining recipe.
+
+    draccus decodes an ``optimizer`` block of a YAML (or any ``--optimizer.*`` flag) into a new AdamConfig with
+    Levanter's defaults for the fields it does not set, not into this one: a config that changes one optimizer field
+    states the others too, as ``simpo_ultrafeedback_llama3_8b.yaml`` and ``simpo_tiny_gpt2.yaml`` do."""
+    return AdamConfig(
+        learning_rate=6e-7,
+        weight_decay=0.0,
+        beta1=0.9,
+        beta2=0.999,
+        epsilon=1e-8,
+        warmup=0.1,
+        lr_schedule="cosine",
+        min_lr_ratio=0.0,
+        max_grad_norm=1.0,
+    )
 
 
 @dataclass
@@ -72,7 +105,8 @@ class TrainSimpoConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: LmConfig = field(default_factory=LlamaConfig)
     train_seq_len: int | None = None
-    optimizer: OptimizerConfig = field(default_factory=AdamConfig)
+    optimizer: OptimizerConfig = field(default_factory=reference_optimizer)
+    """Without an ``optimizer`` block, the SimPO reference recipe's (:func:`reference_optimizer`)."""
     adapter: AdaptorConfig = field(default_factory=NoAdaptorConfig)
 
     beta: float = 2.0
@@ -159,11 +193,12 @@ def validate_config(config: TrainSimpoConfig) -> None:
     if config.initialize_from_hf and config.trainer.initialize_from is not None:
         raise ValueError("Cannot specify both initialize_from_hf and trainer.initialize_from")
     for name, component in config.data.components.items():
-        if not getattr(component.format, "mask_user_turns", True):
+        if not getattr(component_format(name, component), "mask_user_turns", True):
             raise ValueError(
                 f"data component {name!r} sets mask_user_turns: false, which trains on prompt and padding tokens; "
                 "SimPO averages over completion tokens only"
             )
+    check_run_tags(config.trainer)
     validate_run_settings(config)
 
 
@@ -173,6 +208,7 @@ def _restore_from_partial_checkpoint(checkpointed: LmHeadModel, source: LmHeadMo
 
 def main(config: TrainSimpoConfig):
     validate_config(config)
+    config = dataclasses.replace(config, trainer=tag_preference_run(config.trainer))
     config = dataclasses.replace(config, trainer=with_compilation_cache(config.trainer))
 
     tokenizer = config.data.the_tokenizer

@@ -6,8 +6,8 @@
   (``layouts``);
 - ``run``: one run's lifecycle around the trainer: the lifecycle itself (``lifecycle``), the checkpoint lease
   (``lease``), preemption (``preemption``), checkpoint records and verified resume (``checkpoints``), the
-  divergence and non-finite guards (``divergence``, ``nonfinite``) and the compilation cache
-  (``compilation_cache``);
+  divergence and non-finite guards (``divergence``, ``nonfinite``), the compilation cache
+  (``compilation_cache``) and the run tags (``tags``);
 - ``results``: what a run shows and leaves: held-out evaluation (``evaluation``), length diagnostics
   (``length_diagnostics``), the run picture (``picture``) and what an HF export carries (``export``).
 

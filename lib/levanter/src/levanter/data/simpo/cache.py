@@ -30,7 +30,7 @@ PAIR_FIELDS = ("chosen_input_ids", "chosen_assistant_masks", "rejected_input_ids
 
 def _view(cache: TreeCache, fields: dict[str, type]) -> TreeCache:
     """The same cache opened with only ``fields``."""
-    exemplar = {name: np.zeros((0,), dtype=dtype) for name, dtype in fields.items()}
+    exemplar: dict[str, np.ndarray] = {name: np.zeros((0,), dtype=dtype) for name, dtype in fields.items()}
     return TreeCache(cache.cache_dir, exemplar, cache.ledger)
 
 

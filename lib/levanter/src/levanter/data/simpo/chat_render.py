@@ -93,14 +93,16 @@ class ChatRenderer:
         for s, encoding in zip(stripped, encodings):
             ids = encoding.ids
             transcripts.append((ids, _assistant_mask_from_generation_spans(encoding, len(ids), s.generation_spans)))
-        prompts = [
+        proven = [
             self._prompt_ids_from(p.text, c.text, transcripts[2 * i][0], encodings[2 * i])
             for i, (p, c, _) in enumerate(rendered)
         ]
-        unproven = [i for i, ids in enumerate(prompts) if ids is None]
+        unproven = [i for i, ids in enumerate(proven) if ids is None]
+        encoded_alone: dict[int, list[int]] = {}
         if unproven:
             for i, encoding in zip(unproven, self._encode([rendered[i][0].text for i in unproven])):
-                prompts[i] = encoding.ids
+                encoded_alone[i] = encoding.ids
+        prompts = [ids if ids is not None else encoded_alone[i] for i, ids in enumerate(proven)]
 
         done = iter(range(len(rendered)))
         out: list[RowRendering | jinja2.TemplateError] = []

@@ -168,7 +168,7 @@ def cache_record(status: int, pair: CutPair | None = None, error: str = "") -> d
     does not train keeps its place with a one-token placeholder and nothing trained, so cache row ``i`` is source
     row ``i``; the datasets leave it out."""
     sides = {"chosen": pair.chosen, "rejected": pair.rejected} if pair is not None and status == 0 else {}
-    record = {}
+    record: dict[str, np.ndarray] = {}
     for name in ("chosen", "rejected"):
         side = sides.get(name)
         record[f"{name}_input_ids"] = side.tokens.astype(np.int32) if side is not None else _PLACEHOLDER

@@ -15,7 +15,8 @@ from jaxtyping import PRNGKeyArray
 from haliax import Axis
 from levanter.data.dataset import AsyncDataset
 from levanter.data.mixture import MixtureDataset, rescale_mixture_schedule_for_batch_schedule
-from levanter.data.text.datasets import BlockShuffleConfig
+from levanter.data.text.datasets import BlockShuffleConfig, DatasetComponent, DatasetComponentBase
+from levanter.data.text.formats import LmDatasetFormatBase
 from levanter.data.text.preference import PreferenceLmDataConfig, PreferencePairDataset
 from levanter.schedule import BatchSchedule
 from levanter.store.cache import TreeCache
@@ -169,8 +170,19 @@ class PreferenceSplits:
         return cast(AsyncDataset, MixtureDataset(datasets=self.components, weights=weights, **self.mixture))
 
 
+def component_format(name: str, component: DatasetComponentBase) -> LmDatasetFormatBase:
+    """The format of a preference data component; only cache-backed components (``type: cached``, the default)
+    have one, which the pair caches need."""
+    if not isinstance(component, DatasetComponent):
+        raise ValueError(
+            f"data component {name!r} is a {type(component).__name__}, which has no data format; SimPO reads "
+            "cache-backed components (type: cached) of preference_prompt_completion pairs"
+        )
+    return component.format
+
+
 def _check_format(config: PreferenceLmDataConfig, name: str, seq_len: int) -> PromptCompletionPreferenceFormat:
-    format = config.components[name].format
+    format = component_format(name, config.components[name])
     if not isinstance(format, PromptCompletionPreferenceFormat):
         raise ValueError(
             f"Preference component {name!r} uses the {type(format).__name__} format; SimPO trains on "

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import haliax as hax
-from haliax import Axis, NamedArray
+from haliax import Axis, NamedArray, NamedOrNumeric
 from levanter.data.simpo.cache import CachedPairs
 from levanter.data.simpo.shared_prompt import CHOSEN, REJECTED, PrefixSharedPairs
 from levanter.data.simpo.splits import PairRows, packed_pair_rows, padded_pair_rows, shared_prompt_rows
@@ -37,6 +37,7 @@ from levanter.data.text.preference import DpoExample
 from levanter.layers.attention import AttentionMask
 from levanter.models.lm_model import LmExample, LmHeadModel, split_activations
 from levanter.models.loss import maybe_fused_next_token_loss
+from levanter.schedule import IntSchedule
 from levanter.trainer import TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class PairLogps:
     sum: NamedArray
     count: NamedArray
     logit_sum: NamedArray
-    aux_loss: jnp.ndarray | float
+    aux_loss: NamedOrNumeric
 
 
 def _per_pair_sum(values: NamedArray, pair_ids: NamedArray, Pairs: Axis, Pos: Axis) -> NamedArray:
@@ -155,7 +156,10 @@ class SegmentPackedPairs(PairLayout):
     def logps(self, model: LmHeadModel, example: DpoExample, *, key=None) -> PairLogps:
         stacked = _stack_sides(example)
         Pos = stacked.tokens.resolve_axis(model.Pos.name)
-        segment_ids = stacked.attn_mask.segment_ids[0]
+        mask = stacked.attn_mask
+        if not isinstance(mask, AttentionMask) or mask.segment_ids is None:
+            raise ValueError("packed pair rows need an AttentionMask with segment ids, one segment a pair")
+        segment_ids = mask.segment_ids[0]
         # Levanter's dataset numbers a padded row's segment by its cache row; renumber 0, 1, ... within each row
         valid = segment_ids >= 0
         first = hax.min(hax.where(valid, segment_ids, jnp.iinfo(jnp.int32).max), axis=Pos)
@@ -229,7 +233,9 @@ def check_pair_layout(name: str, max_pairs_per_row: int) -> None:
         raise ValueError(f"max_pairs_per_row must be at least 1, got {max_pairs_per_row}")
 
 
-def resolve_pair_layout(name: str, seq_len: int, max_lengths: list[int | None], backend: str) -> tuple[str, str]:
+def resolve_pair_layout(
+    name: PairLayoutName, seq_len: int, max_lengths: list[int | None], backend: str
+) -> tuple[PairLayoutName, str]:
     """The layout a config's ``pair_layout`` stands for on ``backend``, and why (for the start-up log).
 
     ``auto`` never pads one pair a row: packed rows give every model the same loss and gradients. It takes
@@ -249,7 +255,8 @@ def resolve_pair_layout(name: str, seq_len: int, max_lengths: list[int | None], 
             f"auto on cpu: the prompt runs once, and {seq_len} positions hold any pair's prompt and both "
             f"completions (twice the data's max_length {max(m for m in max_lengths if m is not None)})"
         )
-    longest = "unbounded" if not max_lengths or None in max_lengths else max(max_lengths)
+    bounded = [m for m in max_lengths if m is not None]
+    longest = max(bounded) if max_lengths and len(bounded) == len(max_lengths) else "unbounded"
     return "packed", (
         f"auto on cpu: shared_prompt needs rows of twice the data's max_length ({longest}) to hold any pair; "
         f"these have {seq_len} positions"
@@ -289,12 +296,13 @@ def trainer_in_rows(trainer: TrainerConfig, pairs_per_row: float, *, eval_parall
     from the batch of pairs, which would be several times more rows."""
     width = 1 if trainer.allow_nondivisible_batch_size else trainer.data_axis_size
     batch = trainer.train_batch_size
+    rows: int | IntSchedule
     if isinstance(batch, int):
-        rows: int | list = rows_per_step(batch, pairs_per_row, width)
-        largest = rows
+        largest = rows = rows_per_step(batch, pairs_per_row, width)
     else:
-        rows = [dataclasses.replace(p, value=rows_per_step(p.value, pairs_per_row, width)) for p in batch]
-        largest = max(p.value for p in rows)
+        segments = [dataclasses.replace(p, value=rows_per_step(p.value, pairs_per_row, width)) for p in batch]
+        largest = max(p.value for p in segments)
+        rows = segments
     eval_per_device = -(-largest // trainer.data_axis_size)
     if eval_parallelism_set:
         eval_per_device = trainer.per_device_eval_parallelism

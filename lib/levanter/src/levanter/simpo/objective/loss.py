@@ -130,4 +130,7 @@ def simpo_loss(
         sft = -hax.sum(logps.sum[Side, 0]).array / jnp.maximum(chosen_tokens, 1.0)
         loss = loss + sft_weight * sft
         metrics["simpo_sft_loss"] = Metric(_value=sft * chosen_tokens, _count=chosen_tokens)
-    return loss + logps.aux_loss, metrics
+    aux_loss = logps.aux_loss
+    if isinstance(aux_loss, hax.NamedArray):
+        aux_loss = aux_loss.array  # one number for the whole batch
+    return loss + aux_loss, metrics

@@ -7,6 +7,7 @@ preference data was rendered with, and generation stopping at that template's en
 import logging
 from collections.abc import Iterable
 
+from levanter.data.simpo.splits import component_format
 from levanter.data.text.preference import PreferenceLmDataConfig
 from levanter.tokenizers import MarinTokenizer
 
@@ -18,7 +19,10 @@ _MARKER = "simpo export marker"
 
 def training_chat_template(data: PreferenceLmDataConfig, tokenizer: MarinTokenizer) -> str | None:
     """The chat template the preference components render with: the formats' own, else the tokenizer's."""
-    templates = {getattr(c.format, "chat_template", None) or tokenizer.chat_template for c in data.components.values()}
+    templates = {
+        getattr(component_format(name, c), "chat_template", None) or tokenizer.chat_template
+        for name, c in data.components.items()
+    }
     templates.discard(None)
     if len(templates) > 1:
         logger.warning(
@@ -35,6 +39,8 @@ def end_of_turn_token_ids(tokenizer: MarinTokenizer) -> list[int]:
         return []
     conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _MARKER}]
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    if not isinstance(rendered, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(rendered).__name__}, not the text")
     if _MARKER not in rendered:
         logger.warning("The chat template does not render the assistant's content; no end-of-turn token found")
         return []
