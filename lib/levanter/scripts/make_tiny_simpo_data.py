@@ -386,8 +386,9 @@ def build_tokenizer(rows: list[dict], out_dir: str):
         [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
     tok.add_special_tokens(SPECIAL_TOKENS)
-    # No post-processor: plain `encode` adds nothing, so BOS comes only from the chat template
-    # (Levanter and transformers both tokenize the rendered chat with add_special_tokens=False).
+    # No post-processor of ours (the saved tokenizer.json has a TemplateProcessing that adds no special tokens): plain
+    # `encode` adds nothing, so BOS comes only from the chat template (Levanter and transformers both tokenize the
+    # rendered chat with add_special_tokens=False).
 
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,

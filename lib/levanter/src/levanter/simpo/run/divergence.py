@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class DivergenceConfig:
-    """When a SimPO run counts as diverged. The defaults are far from anything a healthy run reaches (SIMPO.md,
-    "Divergence"): the tiny default's 300 steps never exceed 1.15 times the largest of their previous 50 losses."""
+    """When a SimPO run counts as diverged. The defaults are far from anything a healthy run reaches
+    (docs/lifecycle.md, "Divergence"): the tiny default's 300 steps never exceed 1.04 times the largest of their
+    previous 50 losses."""
 
     enabled: bool = True
     """Stop the run when the loss diverges; false trains on whatever the loss does."""
