@@ -163,7 +163,7 @@ def _truncate(path: Path, size: int):
 DAMAGE = {
     "overwritten": (lambda step: _overwrite_middle(_largest_file(step), 256), "damaged: the checksums of "),
     "truncated": (lambda step: _truncate(_largest_file(step), 1000), "unreadable: "),
-    "metadata_deleted": (lambda step: (step / "metadata.json").unlink(), "damaged: its metadata.json is missing"),
+    "metadata_deleted": (lambda step: (step / "metadata.json").unlink(), "incomplete: no metadata.json"),
     "record_garbled": (lambda step: _overwrite_middle(step / RECORD, 16), f"damaged: its {RECORD} is not valid JSON"),
 }
 

@@ -153,10 +153,11 @@ class TrainSimpoConfig:
     """Evaluate the held-out pairs once before the first step (logged at step 0), as train_dpo can."""
 
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    """When the run stops because its loss diverged (SIMPO.md, "Divergence"); ``--divergence.enabled false`` never."""
+    """When the run stops because its loss diverged (docs/lifecycle.md, "Divergence"); never with
+    ``--divergence.enabled false``."""
     allow_config_change: bool = False
     """Resume even though a training-relevant field differs from the checkpoint's (the change is logged). The fields
-    that may change without it are ``simpo_checkpoints.MAY_CHANGE``."""
+    that may change without it are ``levanter.simpo.run.checkpoints.MAY_CHANGE``."""
 
 
 def validate_config(config: TrainSimpoConfig) -> None:
@@ -233,7 +234,8 @@ def main(config: TrainSimpoConfig):
         raise ValueError(
             f"train_seq_len must be in [1, model max_seq_len={config.model.max_seq_len}], got {train_length}"
         )
-    max_lengths = [c.format.max_length for c in config.data.components.values()]
+    # the formats are checked when the splits are built; here only their budgets matter
+    max_lengths = [getattr(component_format(n, c), "max_length", None) for n, c in config.data.components.items()]
     backend = jax.default_backend()
     layout_name, layout_reason = resolve_pair_layout(config.pair_layout, train_length, max_lengths, backend)
     layout = pair_layout(layout_name, config.max_pairs_per_row)
@@ -285,7 +287,9 @@ def main(config: TrainSimpoConfig):
                 config.trainer, splits.pairs_per_row, eval_parallelism_set=eval_parallelism_set
             )
             log_rows_per_step(config.trainer, trainer_config, splits.pairs_per_row)
-        trainer = stack.enter_context(Trainer(trainer_config, optimizer, loss_function))
+        # Levanter's Trainer takes loss functions returning (loss, metrics), as its DPO entrypoint's do; its
+        # ComputeLossFunction protocol names only the LM form
+        trainer = stack.enter_context(Trainer(trainer_config, optimizer, loss_function))  # type: ignore[arg-type]
         run.attach(trainer)
         parameter_axis_mapping = trainer.parameter_axis_mapping
         Vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), parameter_axis_mapping)
@@ -382,7 +386,8 @@ def main(config: TrainSimpoConfig):
         eos_token_ids = generation_eos_token_ids(served_tokenizer, config.hf_generation_eos_token_ids)
         converter = model_context.converter
         if converter is not None:
-            converter = converter.replaced(tokenizer=served_tokenizer)  # HF exports save the converter's tokenizer
+            # HF exports save the converter's tokenizer; Levanter annotates an HF tokenizer and takes its own
+            converter = converter.replaced(tokenizer=served_tokenizer)  # type: ignore[arg-type]
         # before the export hooks: a diverged step is never exported
         if config.divergence.enabled:
             trainer.add_hook(DivergenceGuard(config.divergence, save_roots, records.mark_diverged), every=1)
@@ -396,7 +401,8 @@ def main(config: TrainSimpoConfig):
                 hf_upload=config.hf_upload,
                 hf_save_steps=config.hf_save_steps,
                 hf_save_dtype=config.hf_save_dtype,
-                generation_config=build_generation_config(served_tokenizer, eos_token_ids),
+                # Levanter annotates an HF tokenizer; its MarinTokenizer has the special-token lookups it uses
+                generation_config=build_generation_config(served_tokenizer, eos_token_ids),  # type: ignore[arg-type]
                 peft_save_path=config.peft_save_path,
                 peft_hf_upload=config.peft_hf_upload,
                 merged_hf_save_path=config.merged_hf_save_path,

@@ -25,7 +25,7 @@ import logging
 
 import fsspec
 
-from levanter.data.text.datasets import UrlDatasetSourceConfig, _component_cache_path
+from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig, _component_cache_path
 from levanter.data.text.preference import PreferenceLmDataConfig
 from levanter.simpo.run.hosts import agreed
 from levanter.store.cache import TreeCache
@@ -62,7 +62,8 @@ def _file_version(fs, path: str, info: dict | None = None) -> dict:
 
 def source_identity(config: PreferenceLmDataConfig, name: str, split: str) -> dict[str, dict] | None:
     """``{file: {"size", "version"}}`` for a component's split, or None when its source is not a list of files."""
-    source = config.components[name].source
+    component = config.components[name]
+    source = component.source if isinstance(component, DatasetComponent) else None
     if not isinstance(source, UrlDatasetSourceConfig):
         return None
     files: dict[str, dict] = {}
@@ -112,7 +113,10 @@ def _damage(fs, path: str) -> list[str]:
 
 def check_or_clear(config: PreferenceLmDataConfig, name: str, split: str, identity: dict | None) -> None:
     """Refuses a finished cache built from other sources; removes an unfinished or damaged one."""
-    path = _component_cache_path(name, config.components[name], config.cache_dir, split)
+    component = config.components[name]
+    if not isinstance(component, DatasetComponent):
+        return
+    path = _component_cache_path(name, component, config.cache_dir, split)
     if path is None:
         return
     fs, fs_path = fsspec.core.url_to_fs(path)

@@ -3,10 +3,15 @@
 """Held-out evaluation of a SimPO run: the loss and its metrics as exact means over the held-out pairs, and the
 length diagnostics (``levanter.simpo.results.length_diagnostics``)."""
 
+from typing import Mapping, cast
+
 import haliax as hax
 import levanter.tracker
 from levanter import callbacks
 from levanter.callbacks import StepInfo
+from levanter.data.dataset import AsyncDataset
+from levanter.data.loader import DataLoader
+from levanter.metrics import LossFunctionWithMetrics
 from levanter.simpo.results.length_diagnostics import finish_length_diagnostics
 from levanter.trainer import Trainer
 
@@ -15,16 +20,19 @@ class HeldOutEvaluator:
     """Evaluates the SimPO loss, its metrics and the length diagnostics on held-out pairs, and remembers the
     latest results for the summary."""
 
-    def __init__(self, trainer: Trainer, datasets: dict[str, object], loss_fn, sft_weight: float):
+    def __init__(self, trainer: Trainer, datasets: Mapping[str, AsyncDataset], loss_fn, sft_weight: float):
         # under the trainer's compute mapping, as Levanter's own evaluators jit: on a mesh the batch and the
         # parameters are sharded by it, and a plain jit would meet them with the parameter mapping's specs
         @hax.named_jit(axis_resources=trainer.compute_axis_mapping)
         def eval_loss(model, batch):
             return loss_fn(trainer.mp.cast_to_compute(model), batch, key=None, length_diagnostics=True)
 
-        self._eval_loss = eval_loss
+        # named_jit's wrapper has the loss function's call, not the protocol's keyword-only extras
+        self._eval_loss = cast(LossFunctionWithMetrics, eval_loss)
         self._sft_weight = sft_weight
-        self._loaders = {name: trainer.data_loader(ds, trainer.EvalBatch) for name, ds in datasets.items()}
+        self._loaders: dict[str, DataLoader] = {
+            name: trainer.data_loader(ds, trainer.EvalBatch) for name, ds in datasets.items()
+        }
         self._max_batches = trainer.config.max_eval_batches
         self.latest: dict[str, float] = {}
         self.latest_step: int | None = None

@@ -31,11 +31,12 @@ from rigging.filesystem.atomic import atomic_rename
 from rigging.filesystem.storage_path import StoragePath, prefix_join
 
 from levanter.simpo.run.hosts import agreed
+from levanter.trainer_state import TrainerState
 from levanter.utils.jax_utils import multihost_allgather_sync
 
 logger = logging.getLogger(__name__)
 
-S = TypeVar("S")
+S = TypeVar("S", bound=TrainerState)
 
 RECORD = "simpo_record.json"
 
@@ -258,7 +259,7 @@ def _problem(path: str) -> tuple[str | None, dict | None]:
         return f"damaged: its {RECORD} is not a JSON object", None
     if not _exists(prefix_join(path, "metadata.json")):
         # Levanter writes metadata.json last: without it the save never finished, whatever else is there
-        return "incomplete: no metadata.json (its write never finished)", None
+        return "incomplete: no metadata.json (its save never finished, or the file was removed)", None
     if record is None:
         return f"unverifiable: no {RECORD} (the run stopped before recording it)", None
     if "diverged_at_step" in record:
@@ -360,8 +361,8 @@ def resume_verified(
             failure = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         failures = multihost_allgather_sync(failure) if jax.process_count() > 1 else [failure]
         failure = next((f for f in failures if f is not None), None)
-        if failure is not None:
-            skip(path, failure)
+        if failure is not None or state is None:
+            skip(path, failure or "unreadable")
             continue
         problem = _checksum_problem(checkpoint["checksums"], state_checksums(state.saveable_state))
         if problem is not None:

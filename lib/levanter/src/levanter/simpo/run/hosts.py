@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar, cast
 
 import jax
 
@@ -87,7 +87,7 @@ def agreed(what: str, decide: Callable[[], T]) -> T:
         multihost_broadcast_sync({"value": value}, timeout=DECISION_TIMEOUT_SECONDS)
         return value
     logger.debug(f"Waiting for process 0 to decide: {what}")
-    outcome = multihost_broadcast_sync(None, timeout=DECISION_TIMEOUT_SECONDS)
+    outcome: dict = cast(dict, multihost_broadcast_sync(None, timeout=DECISION_TIMEOUT_SECONDS))
     if "error" in outcome:
         raise _rebuild(outcome["error"])
     return outcome["value"]

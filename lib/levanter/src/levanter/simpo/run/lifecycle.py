@@ -78,13 +78,13 @@ def validate_run_settings(config) -> None:
     if not config.beta <= MAX_BETA:
         raise ValueError(
             f"beta must be at most {MAX_BETA:g}, got {config.beta:g}: beyond it the loss is a step function of the "
-            "margin (SIMPO.md, bad-input catalogue)"
+            "margin (docs/data.md, bad-input catalogue)"
         )
     if not abs(config.gamma_beta_ratio) <= MAX_ABS_GAMMA_BETA_RATIO:
         raise ValueError(
             f"gamma_beta_ratio must be within +-{MAX_ABS_GAMMA_BETA_RATIO:g}, got {config.gamma_beta_ratio:g}: "
             "a length-normalised log-prob margin is a few nats, and float32 cannot resolve it against a larger "
-            "target (SIMPO.md, bad-input catalogue)"
+            "target (docs/data.md, bad-input catalogue)"
         )
 
 
@@ -177,8 +177,8 @@ class RunLifecycle:
             return False
         self._noop = True
         logger.info(
-            f"Run {self.run_id} already finished: its checkpoint holds {step} steps of {target}. Nothing to do; "
-            "nothing written. Raise trainer.num_train_steps to train further, or use a new trainer.id."
+            f"Run {self.run_id} already finished: its checkpoint holds {step} steps of {target}. Nothing to train; "
+            "its checkpoints and exports are left as they are. Raise trainer.num_train_steps to train further, or use a new trainer.id."
         )
         return True
 
