@@ -235,6 +235,8 @@ def test_a_training_sequence_longer_than_the_model(tmp_path, monkeypatch):
             '{"type": "json_logger"}',
             "--trainer.checkpointer.base_path",
             str(tmp_path / "checkpoints"),
+            "--trainer.log_dir",
+            str(tmp_path / "logs"),
         ],
     )
     with pytest.raises(ValueError, match=r"train_seq_len must be in \[1, model max_seq_len=\d+\], got 4096"):

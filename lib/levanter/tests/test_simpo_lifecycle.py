@@ -243,6 +243,18 @@ def test_an_unwritable_export_path_stops_the_run_before_its_first_step(tmp_path)
     assert not list((tmp_path / "checkpoints").rglob("step-*"))
 
 
+def _acquired_saying(lease: RunLease) -> list[str]:
+    """Takes ``lease``; returns what the lease module logged meanwhile (Levanter resets the root logging handlers,
+    so caplog may not see the records)."""
+    said = TrackedMetrics()
+    logging.getLogger("levanter.simpo.run.lease").addHandler(said)
+    try:
+        lease.acquire()
+    finally:
+        logging.getLogger("levanter.simpo.run.lease").removeHandler(said)
+    return said.messages
+
+
 def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(tmp_path):
     # fsspec's in-memory filesystem stands for an object store: the lease goes through the same fsspec calls
     directory = f"memory://{tmp_path}/checkpoints/run"
@@ -258,15 +270,10 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     fs, path = fsspec.core.url_to_fs(f"{directory}/lease.json")
     record = {"run_id": "run", "host": socket.gethostname(), "pid": dead_pid, "process_started": 0.0, "renewed": 0.0}
     fs.pipe(path, json.dumps(record).encode())
-    said = TrackedMetrics()  # Levanter resets the root logging handlers, so caplog may not see the record
-    logging.getLogger("levanter.simpo.run.lease").addHandler(said)
     taker = RunLease(directory, "run")
-    try:
-        taker.acquire()
-    finally:
-        logging.getLogger("levanter.simpo.run.lease").removeHandler(said)
+    said = _acquired_saying(taker)
     takeover = f"taking over the stale lease {directory}/lease.json of host {socket.gethostname()} pid {dead_pid}"
-    assert any(takeover in m and m.endswith("(that process is gone)") for m in said.messages), said.messages
+    assert any(takeover in m and m.endswith("(that process is gone)") for m in said), said
     assert json.loads(fs.cat(path))["pid"] == os.getpid()
     taker.release()
     assert not fs.exists(path)
@@ -279,15 +286,11 @@ def _taking_over(directory: str, monkeypatch, job: str | None, attempt: str | No
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    said = TrackedMetrics()
-    logging.getLogger("levanter.simpo.run.lease").addHandler(said)
     taker = RunLease(directory, "run")
     try:
-        taker.acquire()
+        return _acquired_saying(taker)
     finally:
-        logging.getLogger("levanter.simpo.run.lease").removeHandler(said)
         taker.release()
-    return said.messages
 
 
 def test_a_restarted_job_takes_its_dead_attempts_lease_at_once_and_a_foreign_one_is_refused(tmp_path, monkeypatch):

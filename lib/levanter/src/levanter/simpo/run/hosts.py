@@ -85,7 +85,7 @@ def agreed(what: str, decide: Callable[[], T]) -> T:
             multihost_broadcast_sync({"error": _describe(error)}, timeout=DECISION_TIMEOUT_SECONDS)
             raise
         multihost_broadcast_sync({"value": value}, timeout=DECISION_TIMEOUT_SECONDS)
-        return value
+        return json.loads(json.dumps(value))  # what the others received, tuples and all, so all act on the same
     logger.debug(f"Waiting for process 0 to decide: {what}")
     outcome: dict = cast(dict, multihost_broadcast_sync(None, timeout=DECISION_TIMEOUT_SECONDS))
     if "error" in outcome:

@@ -157,18 +157,18 @@ class RunLease:
     def _read(self) -> dict | None:
         try:
             with self._fs.open(self._plain, "rb") as f:
-                return json.loads(f.read() or b"{}")
+                record = json.loads(f.read() or b"{}")
+            return record if isinstance(record, dict) else {}
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError:
-            return {}  # a torn write: treated as a lease of unknown owner, stale by its age below
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # a torn write: stale at once (``_staleness``)
 
     def _staleness(self, holder: dict) -> str | None:
         """Why ``holder`` no longer holds the lease, or None if it may still."""
-        if "token" not in holder:
+        if not holder:
             time.sleep(1.0)  # a lease being created is empty for an instant; a torn one stays so
-            again = self._read()
-            if again is None or "token" in again:
+            if self._read() != holder:
                 return None
             return "the lease file is torn (not the JSON record a holder writes)"
         if holder.get("host") == self._record["host"] and isinstance(holder.get("pid"), int):
