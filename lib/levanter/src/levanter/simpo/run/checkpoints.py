@@ -310,7 +310,10 @@ def _read_checkpoints(roots: list[str], identity: Mapping[str, Any]) -> list[dic
         if problem is None and record is not None and not isinstance(record.get("checksums"), Mapping):
             problem = f"damaged: its {RECORD} holds no checksums"
         if problem is not None:
-            found.append({"step": step, "path": path, "problem": problem})
+            # committed: Levanter finished its save (metadata.json, written last); an uncommitted one holds no
+            # training a resume could continue
+            committed = _exists(prefix_join(path, "metadata.json"))
+            found.append({"step": step, "path": path, "problem": problem, "committed": committed})
         else:
             assert record is not None
             diff = identity_diff(record.get("identity") or {}, identity)
@@ -376,6 +379,17 @@ def resume_verified(
         else:
             logger.info(f"Checkpoint {path} verified: configuration and array checksums match")
         return state
+    if not any(c.get("committed", True) for c in checkpoints):
+        # only saves that never finished (a kill or a full disk during the run's first save): nothing trained is at
+        # stake, and refusing would stop every restart of the job
+        logger.warning(
+            f"None of this run's {len(skipped)} checkpoint directories holds a finished save (no metadata.json in "
+            "any: a save was interrupted); moving them aside and starting over from step 0"
+        )
+        _move_aside([p for p, _ in skipped])
+        trainer.config.load_checkpoint_path = None
+        trainer.config.load_checkpoint = False
+        return initial_state(False)
     raise NoUsableCheckpointError(
         "This run has checkpoints but none can be resumed from:\n  "
         + "\n  ".join(f"{p} ({why})" for p, why in skipped)
