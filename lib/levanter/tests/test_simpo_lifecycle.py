@@ -257,6 +257,7 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     dead_pid = int(exited.stdout)
     fs, path = fsspec.core.url_to_fs(f"{directory}/lease.json")
     record = {"run_id": "run", "host": socket.gethostname(), "pid": dead_pid, "process_started": 0.0, "renewed": 0.0}
+    record["token"] = "dead"  # a holder's record has one; without it the lease reads as torn
     fs.pipe(path, json.dumps(record).encode())
     said = TrackedMetrics()  # Levanter resets the root logging handlers, so caplog may not see the record
     logging.getLogger("levanter.simpo.run.lease").addHandler(said)
