@@ -375,3 +375,33 @@ def test_a_disk_that_refuses_a_checkpoint_write_is_named_with_the_step_and_path(
     # the rerun, with room, resumes or starts over as its checkpoints allow, and finishes
     code, log = _run_cli(tmp_path, "rerun", _cli(tmp_path, shared_setup, "refused", "--trainer.num_train_steps", "4"))
     assert code == 0, log[-4000:]
+
+
+def test_a_run_killed_during_its_first_save_starts_over_on_the_rerun(tmp_path, shared_setup):
+    """Issue 21, item 2: SIGKILL as the run's first checkpoint save begins (its step directory and record written,
+    no array, no metadata.json) made every rerun exit 1 with "none can be resumed from ... Starting over would
+    overwrite them". The rerun now moves the unfinished save aside and trains from step 0."""
+    first_save = {
+        "name": "killed",
+        "overrides": run_overrides("first_save"),
+        # Levanter's "Saving checkpoint at step N to PATH", logged after the record and before the arrays
+        "freeze_at_message": f" to {tmp_path / 'checkpoints' / 'first_save'}/step-",
+    }
+    child = ChildRuns(tmp_path, shared_setup, [first_save])
+    child.wait_for_freeze()
+    child.kill()
+    checkpoints = tmp_path / "checkpoints" / "first_save"
+    (unfinished,) = [p for p in checkpoints.iterdir() if p.name.startswith("step-")]
+    assert not (unfinished / "metadata.json").exists()
+
+    rerun = ChildRuns(tmp_path, shared_setup, [{"name": "rerun", "overrides": run_overrides("first_save")}])
+    result = rerun.collect()["rerun"]
+    log = "\n".join(result["messages"]) + rerun.log()
+    assert f"Not resuming from checkpoint {unfinished}: incomplete: no metadata.json" in log
+    assert (
+        "holds a finished save (no metadata.json in any: a save was interrupted); moving them aside and starting"
+        in (log)
+    )
+    assert f"Moved {unfinished} aside to {checkpoints}/superseded/{unfinished.name}." in log
+    assert sorted(train_losses(result["steps"])) == list(range(STEPS))
+    assert (checkpoints / f"step-{STEPS - 1}" / "metadata.json").exists()
