@@ -178,6 +178,8 @@ def _child(spec_path: str):
         checkpoint_log = logging.getLogger("levanter.checkpoint")
         lease_log.addHandler(tracked)
         checkpoint_log.addHandler(writes)
+        if entry.get("freeze_at_message"):  # Levanter's checkpoint messages too: a run can freeze as a save begins
+            checkpoint_log.addHandler(tracked)
         error = None
         try:
             run(config, tracked)
@@ -186,6 +188,7 @@ def _child(spec_path: str):
         finally:
             lease_log.removeHandler(tracked)
             checkpoint_log.removeHandler(writes)
+            checkpoint_log.removeHandler(tracked)
         results[entry["name"]] = {
             "steps": tracked.by_step,
             "messages": tracked.messages,

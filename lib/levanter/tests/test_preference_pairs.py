@@ -5,6 +5,12 @@ cuts from the cache build, the held-out split over the pairs that train, and the
 
 import dataclasses
 import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import fsspec
 import jax.random as jrandom
@@ -13,6 +19,7 @@ import pytest
 from preference_chat_fixtures import LLAMA3_TEMPLATE, dropped_counts, llama3_style_tokenizer, preference_row
 
 from haliax import Axis
+from levanter.data.simpo import cache_identity
 from levanter.data.simpo.cache_identity import cache_contents
 from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
 from levanter.data.simpo.rows import PreferenceRowError
@@ -92,8 +99,18 @@ def test_splits_stats_and_examples_through_the_cache(tmp_path):
         assert min(pair.chosen.loss_weight.array.sum(), pair.rejected.loss_weight.array.sum()) >= 1
 
 
+def the_caches(tmp_path, split: str = "train") -> list:
+    """The component's caches of ``split``, each under the key of its sources and settings, oldest first."""
+    return sorted((tmp_path / "cache" / "prefs").glob(f"*/{split}"), key=lambda p: p.stat().st_mtime)
+
+
+def the_cache(tmp_path, split: str = "train"):
+    (cache,) = the_caches(tmp_path, split)
+    return cache
+
+
 def splits_cache_metadata(tmp_path) -> dict:
-    ledger = json.loads((tmp_path / "cache" / "prefs" / "train" / "shard_ledger.json").read_text())
+    ledger = json.loads((the_cache(tmp_path) / "shard_ledger.json").read_text())
     return ledger["metadata"]["preprocessor_metadata"]
 
 
@@ -126,58 +143,138 @@ def test_a_file_that_is_not_utf8_names_its_row(tmp_path):
         _splits(config, validation_split_fraction=None)
 
 
-def test_a_cache_built_with_another_template_is_refused(tmp_path):
+def _ledger(cache) -> dict:
+    return json.loads((cache / "shard_ledger.json").read_text())
+
+
+def test_another_template_builds_its_own_cache_and_switching_back_reuses_it(tmp_path, caplog):
     config = _config(tmp_path, _rows()[:3], PromptCompletionPreferenceFormat())
     _splits(config, validation_split_fraction=None)
+    first = the_cache(tmp_path)
     # Levanter would reuse the cache with a warning, training on the old template's tokens
     untrimmed = PromptCompletionPreferenceFormat(chat_template=LLAMA3_TEMPLATE.replace(" | trim", ""))
     component = dataclasses.replace(config.components["prefs"], format=untrimmed)
     changed = dataclasses.replace(config, components={"prefs": component})
-    with pytest.raises(ValueError, match=r"was built with other settings \(chat_template\)"):
-        _splits(changed, validation_split_fraction=None)
+    _splits(changed, validation_split_fraction=None)
+    first_built, second = the_caches(tmp_path)
+    assert first_built == first and _ledger(second)["metadata"]["preprocessor_metadata"]["chat_template"] != (
+        _ledger(first)["metadata"]["preprocessor_metadata"]["chat_template"]
+    )
+    before = {p: p.stat().st_mtime_ns for p in first.rglob("*")}
+    with caplog.at_level(logging.INFO, logger=cache_identity.__name__):
+        _splits(config, validation_split_fraction=None)
+    assert f"Using the train cache of preference component 'prefs' at {first} (built from 1 source file" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*")} == before  # reused as it was
 
 
 def _swap_sides(row: dict) -> dict:
     return {**row, "chosen": row["rejected"], "rejected": row["chosen"]}
 
 
-def test_a_cache_built_from_other_files_is_refused_naming_them(tmp_path):
+def test_other_files_with_the_same_cache_dir_build_their_own_cache_and_switching_back_reuses_it(tmp_path, caplog):
+    """Issue 21, item 0: training on one's own file with the shipped cache_dir, then the shipped default, used to
+    be refused ("built from other data ... Delete it to rebuild it") until the cache was deleted by hand."""
     config = _config(tmp_path, _rows()[:3], PromptCompletionPreferenceFormat(max_length=48))
-    _splits(config, validation_split_fraction=None)
+    with caplog.at_level(logging.INFO, logger=cache_identity.__name__):
+        splits = _splits(config, validation_split_fraction=None)
+    shipped = the_cache(tmp_path)
+    assert f"Built the train cache of preference component 'prefs' at {shipped} (built from 1 source file" in (
+        caplog.text
+    )
+    assert splits.stats["train/prefs"].rows == 3
     # a copied config pointing at another file, with the same cache_dir
     other = tmp_path / "mine.jsonl"
-    other.write_text("".join(json.dumps(row) + "\n" for row in _rows()[3:6]))
+    other.write_text("".join(json.dumps(row) + "\n" for row in _rows()[3:8]))
     component = config.components["prefs"]
     moved = dataclasses.replace(component, source=UrlDatasetSourceConfig(train_urls=[str(other)]))
+    mine = dataclasses.replace(config, components={"prefs": moved})
+    assert _splits(mine, validation_split_fraction=None).stats["train/prefs"].rows == 5
+    first, beside = the_caches(tmp_path)
+    assert first == shipped and beside.parent.parent == shipped.parent.parent
+    # and back: the first cache, as it was
+    before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=cache_identity.__name__):
+        assert _splits(config, validation_split_fraction=None).stats["train/prefs"].rows == 3
+    assert f"Using the train cache of preference component 'prefs' at {shipped} (built from 1 source file" in (
+        caplog.text
+    )
+    assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*")} == before
+    assert len(the_caches(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("edit", ["shorter", "swapped"])
+def test_a_source_edited_after_the_cache_was_built_gets_a_cache_of_its_own(tmp_path, edit):
+    rows = _rows()[:4]
+    config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
+    _splits(config, validation_split_fraction=None)
+    edited = rows[:2] if edit == "shorter" else [_swap_sides(r) for r in rows]  # swapping keeps the size
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in edited))
+    splits = _splits(config, validation_split_fraction=None)
+    old, new = the_caches(tmp_path)
+    assert splits.stats["train/prefs"].rows == len(edited)
+    assert json.loads((new / "source_identity.json").read_text()) != json.loads(
+        (old / "source_identity.json").read_text()
+    )
+
+
+def test_a_cache_without_a_record_of_its_sources_is_never_trusted_or_relabelled(tmp_path, caplog):
+    """Issue 21, item 1: a cache built before caches recorded their sources (no source_identity.json) was accepted
+    after its file was edited, trained on the old tokens, and labelled with the edited file's digest."""
+    rows = _rows()[:4]
+    config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
+    _splits(config, validation_split_fraction=None)
+    keyed = the_cache(tmp_path)
+    # where caches were before they were keyed, without a record, as such a cache was
+    earlier = tmp_path / "cache" / "prefs" / "train"
+    shutil.copytree(keyed, earlier)
+    (earlier / "source_identity.json").unlink()
+    # and the keyed one as a build stopped between finishing and recording its sources leaves it
+    (keyed / "source_identity.json").unlink()
+    with caplog.at_level(logging.INFO, logger=cache_identity.__name__):
+        splits = _splits(config, validation_split_fraction=None)
+    assert (
+        f"Not using the train cache at {earlier}: it was built before caches were kept apart by their sources"
+        in caplog.text
+    )
+    assert f"The train cache at {keyed} has no record of the sources it was built from" in caplog.text
+    assert f"Built the train cache of preference component 'prefs' at {keyed}" in caplog.text
+    assert splits.stats["train/prefs"].rows == 4
+    assert not (earlier / "source_identity.json").exists()  # never labelled with today's sources
+    assert (keyed / "source_identity.json").exists()
+    # edited: the unrecorded cache is not read, whatever its location
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
+    assert _splits(config, validation_split_fraction=None).stats["train/prefs"].rows == 2
+    assert not (earlier / "source_identity.json").exists()
+
+
+def test_a_component_with_its_own_cache_dir_built_from_other_files_is_refused_naming_them(tmp_path):
+    """A component that names its own cache_dir (as Marin's tokenized caches do) keeps it: another source there is
+    refused, naming the files, rather than overwriting it."""
+    config = _config(tmp_path, _rows()[:3], PromptCompletionPreferenceFormat(max_length=48))
+    own = dataclasses.replace(config.components["prefs"], cache_dir=str(tmp_path / "own"))
+    config = dataclasses.replace(config, components={"prefs": own})
+    _splits(config, validation_split_fraction=None)
+    assert (tmp_path / "own" / "train" / "source_identity.json").exists()
+    other = tmp_path / "mine.jsonl"
+    other.write_text("".join(json.dumps(row) + "\n" for row in _rows()[3:6]))
+    moved = dataclasses.replace(own, source=UrlDatasetSourceConfig(train_urls=[str(other)]))
     with pytest.raises(
         ValueError, match=r"built from other data: .*train.jsonl is no longer a source; .*mine.jsonl is a new source"
     ):
         _splits(dataclasses.replace(config, components={"prefs": moved}), validation_split_fraction=None)
 
 
-@pytest.mark.parametrize("edit, change", [("shorter", "changed size"), ("swapped", "changed content")])
-def test_a_source_edited_after_the_cache_was_built_is_refused(tmp_path, edit, change):
-    rows = _rows()[:4]
-    config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
-    _splits(config, validation_split_fraction=None)
-    edited = rows[:2] if edit == "shorter" else [_swap_sides(r) for r in rows]  # swapping keeps the size
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in edited))
-    with pytest.raises(ValueError, match=rf"train.jsonl {change}.*Delete it to rebuild it"):
-        _splits(config, validation_split_fraction=None)
-
-
 def test_an_unfinished_cache_is_built_again_not_reused(tmp_path):
     rows = _rows()[:4]
     config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
     _splits(config, validation_split_fraction=None)
-    cache = tmp_path / "cache" / "prefs" / "train"
+    cache = the_cache(tmp_path)
     (cache / "shard_ledger.json").unlink()  # as if the build had stopped before finishing
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
     _splits(config, validation_split_fraction=None)
-    # built again from the file as it is now, not resumed from the stale shard (read from disk: this process's
-    # array cache may still hold the old shard)
+    # built again from the file, not resumed from the stale shard (read from disk)
     ledger = json.loads((cache / "shard_ledger.json").read_text())
-    assert ledger["is_finished"] and ledger["total_num_rows"] == 2
+    assert ledger["is_finished"] and ledger["total_num_rows"] == 4
 
 
 def _packed(pairs, kept):
@@ -236,7 +333,7 @@ def test_a_cache_damaged_after_it_was_built_is_built_again(tmp_path):
     rows = _rows()[:4]
     config = _config(tmp_path, rows, PromptCompletionPreferenceFormat(max_length=48))
     _splits(config, validation_split_fraction=None)
-    cache = tmp_path / "cache" / "prefs" / "train"
+    cache = the_cache(tmp_path)
     recorded = json.loads((cache / "cache_contents.json").read_text())
     # opening the cache reads it without changing it: its files still match the record
     _splits(config, validation_split_fraction=None)
@@ -254,3 +351,138 @@ def test_a_cache_damaged_after_it_was_built_is_built_again(tmp_path):
     _splits(config, validation_split_fraction=None)
     # built again from the sources: the chunk holds the first build's bytes again
     assert cache_contents(fsspec.filesystem("file"), str(cache))[damaged] == recorded[damaged]
+
+
+def test_an_empty_data_file_is_named(tmp_path):
+    """Issue 21, item 4: was ``cannot reshape array of size 0 into shape (0,newaxis)``, naming no file."""
+    config = _config(tmp_path, [], PromptCompletionPreferenceFormat(max_length=48))
+    assert (tmp_path / "train.jsonl").read_text() == ""
+    with pytest.raises(ValueError) as error:
+        _splits(config, validation_split_fraction=None)
+    print(error.value)
+    assert str(error.value) == (
+        f"Preference component 'prefs' has no train rows: its train files ({tmp_path / 'train.jsonl'}) hold no "
+        "preference row. Point it at the data, or remove the component or its weight"
+    )
+
+
+def test_an_empty_component_of_a_mixture_is_named(tmp_path):
+    config = _colour_components(tmp_path, "blue .")
+    (tmp_path / "blues.jsonl").write_text("")
+    with pytest.raises(
+        ValueError, match=r"^Preference component 'blues' has no train rows: its train files \(.*blues"
+    ):
+        _splits(config, validation_split_fraction=None)
+
+
+_BUILDER = """
+import json, logging, sys
+import jax.random as jrandom
+from haliax import Axis
+from levanter.data.simpo.prompt_completion import PromptCompletionPreferenceFormat
+from levanter.data.simpo.splits import build_preference_splits, padded_pair_rows
+from levanter.data.text.datasets import DatasetComponent, UrlDatasetSourceConfig
+from levanter.data.text.preference import PreferenceLmDataConfig
+
+logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s", force=True)
+tokenizer, cache_dir, data = sys.argv[1:4]
+source = UrlDatasetSourceConfig(train_urls=[data])
+component = DatasetComponent(source=source, format=PromptCompletionPreferenceFormat(max_length=48))
+components = {"prefs": component}
+config = PreferenceLmDataConfig(tokenizer=tokenizer, cache_dir=cache_dir, components=components, shuffle=False)
+Pos = Axis("position", 48)
+splits = build_preference_splits(
+    config, lambda p, k: padded_pair_rows(p, k, Pos), seq_len=48, key=jrandom.PRNGKey(0),
+    validation_split_fraction=None,
+)
+print("PAIRS", splits.stats["train/prefs"].pairs, flush=True)
+"""
+
+
+def _lock_written(locks) -> bool:
+    """Whether a build lock under ``locks`` holds its holder's record (an instant after its creation)."""
+    for lock in locks.glob("*/train.build_lock.json"):
+        try:
+            return "token" in json.loads(lock.read_text())
+        except ValueError:
+            return False
+    return False
+
+
+def test_two_runs_building_one_new_cache_together_wait_for_each_other(tmp_path):
+    """Issue 21, item 5: two runs sharing one new cache_dir, started together, both died: the second removed the
+    first's build in progress as "never finished". The first is stopped (SIGSTOP) while it holds the build lock,
+    the second starts and waits; the first goes on, builds, and both read the one cache."""
+    config = _config(
+        tmp_path,
+        [preference_row(f"count to {i} .", "one two .", "no .") for i in range(200)],
+        PromptCompletionPreferenceFormat(),
+    )
+    script = tmp_path / "builder.py"
+    script.write_text(_BUILDER)
+    args = [sys.executable, str(script), config.tokenizer, str(tmp_path / "cache"), str(tmp_path / "train.jsonl")]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    locks = tmp_path / "cache" / "prefs"
+    with open(logs[0], "w") as log:
+        first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not _lock_written(locks):
+            assert first.poll() is None and time.monotonic() < deadline, logs[0].read_text()
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # holding the lock, its build unfinished
+        with open(logs[1], "w") as log:
+            second = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            while "Waiting for the cache at" not in logs[1].read_text():
+                assert second.poll() is None and time.monotonic() < deadline, logs[1].read_text()
+                time.sleep(0.1)
+            first.send_signal(signal.SIGCONT)
+            assert first.wait(timeout=300) == 0, logs[0].read_text()
+            assert second.wait(timeout=300) == 0, logs[1].read_text()
+        finally:
+            second.kill()
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.kill()
+    outputs = [log.read_text() for log in logs]
+    cache = the_cache(tmp_path)
+    lock = cache.parent / "train.build_lock.json"
+    assert f"Waiting for the cache at {cache}: another process is building it (host and pid in {lock}: host " in (
+        outputs[1]
+    )
+    assert f"pid {first.pid} " in outputs[1]
+    assert f"Built the train cache of preference component 'prefs' at {cache}" in outputs[0]
+    assert f"Using the train cache of preference component 'prefs' at {cache}" in outputs[1]
+    assert "never finished" not in outputs[0] + outputs[1]
+    assert all("PAIRS 200" in output for output in outputs)
+    assert not lock.exists()  # released
+
+
+def test_a_build_lock_left_by_a_killed_builder_is_taken_over(tmp_path):
+    """A builder killed (SIGKILL) while holding the lock leaves it behind: the next run takes it over at once (its
+    holder is a dead process on this host) and builds, removing the unfinished cache."""
+    config = _config(
+        tmp_path,
+        [preference_row(f"count to {i} .", "one two .", "no .") for i in range(200)],
+        PromptCompletionPreferenceFormat(),
+    )
+    script = tmp_path / "builder.py"
+    script.write_text(_BUILDER)
+    args = [sys.executable, str(script), config.tokenizer, str(tmp_path / "cache"), str(tmp_path / "train.jsonl")]
+    locks = tmp_path / "cache" / "prefs"
+    killed = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not _lock_written(locks):
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait()
+    (lock,) = locks.glob("*/train.build_lock.json")
+    done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert f"taking over the stale lease {lock} of host " in output and f"pid {killed.pid} (that process is gone)" in (
+        output
+    )
+    assert "PAIRS 200" in output and not lock.exists()

@@ -8,6 +8,8 @@ run id is refused, and bad run ids, step budgets, loss scales and output paths s
 import json
 import logging
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -64,10 +66,11 @@ def _cli(tmp: Path, shared: SharedSetup, run_id: str, *extra: str) -> list[str]:
     ]
 
 
-def _run_cli(tmp: Path, name: str, command: list[str]) -> tuple[int, str]:
+def _run_cli(tmp: Path, name: str, command: list[str], preexec_fn=None) -> tuple[int, str]:
     result = subprocess.run(
         command,
         cwd=REPO,
+        preexec_fn=preexec_fn,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -269,6 +272,7 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     dead_pid = int(exited.stdout)
     fs, path = fsspec.core.url_to_fs(f"{directory}/lease.json")
     record = {"run_id": "run", "host": socket.gethostname(), "pid": dead_pid, "process_started": 0.0, "renewed": 0.0}
+    record["token"] = "dead"  # a holder's record has one; without it the lease reads as torn
     fs.pipe(path, json.dumps(record).encode())
     taker = RunLease(directory, "run")
     said = _acquired_saying(taker)
@@ -334,3 +338,73 @@ def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path, sh
     assert "Run early preempted (SIGTERM) before its first step here; nothing new to save" in log
     assert not list((tmp_path / "checkpoints" / "early").glob("step-*"))
     assert not (tmp_path / "checkpoints" / "early" / "lease.json").exists()
+
+
+def _files_limited_to(size: int):
+    """For a child process: writes past ``size`` bytes of a file fail with EFBIG, as on a disk that refuses them
+    (the signal the kernel sends first, SIGXFSZ, ignored as a disk full sends none)."""
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+
+    return limit
+
+
+def test_a_disk_that_refuses_a_checkpoint_write_is_named_with_the_step_and_path(tmp_path, shared_setup):
+    """Issue 21, item 7: a full disk during a save surfaced as a raw tensorstore traceback from an earlier
+    asynchronous save. A file-size limit makes the disk refuse the checkpoint's array file for real (EFBIG; a full
+    disk gives ENOSPC, the same path); the data cache and compilation cache are built first, unlimited."""
+    built, log = _run_cli(tmp_path, "warm", _cli(tmp_path, shared_setup, "warm", "--trainer.num_train_steps", "1"))
+    assert built == 0, log[-3000:]
+    arrays = max(
+        (p for p in (tmp_path / "checkpoints" / "warm").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    limit = arrays.stat().st_size // 2  # every other file of the run is smaller
+    every_2 = ["--trainer.checkpointer.keep", '[{"every": 2}]']
+    refused = _cli(tmp_path, shared_setup, "refused", "--trainer.num_train_steps", "4", *every_2)
+    code, log = _run_cli(tmp_path, "refused", refused, preexec_fn=_files_limited_to(limit))
+    print(log[-4000:])
+    assert code == 1
+    checkpoints = tmp_path / "checkpoints" / "refused"
+    match = re.search(
+        r"DiskRefusedWriteError: The disk refused a write: file too large \(a file-size limit\) writing checkpoint "
+        rf"step-(\d+) to {re.escape(str(checkpoints))}/step-\1 \(",
+        log,
+    )
+    assert match, log[-4000:]
+    assert not (checkpoints / f"step-{match[1]}" / "metadata.json").exists()
+    assert "Free space there (or point the output elsewhere) and rerun the same command" in log
+    # the rerun, with room, resumes or starts over as its checkpoints allow, and finishes
+    code, log = _run_cli(tmp_path, "rerun", _cli(tmp_path, shared_setup, "refused", "--trainer.num_train_steps", "4"))
+    assert code == 0, log[-4000:]
+
+
+def test_a_run_killed_during_its_first_save_starts_over_on_the_rerun(tmp_path, shared_setup):
+    """Issue 21, item 2: SIGKILL as the run's first checkpoint save begins (its step directory and record written,
+    no array, no metadata.json) made every rerun exit 1 with "none can be resumed from ... Starting over would
+    overwrite them". The rerun now moves the unfinished save aside and trains from step 0."""
+    first_save = {
+        "name": "killed",
+        "overrides": run_overrides("first_save"),
+        # Levanter's "Saving checkpoint at step N to PATH", logged after the record and before the arrays
+        "freeze_at_message": f" to {tmp_path / 'checkpoints' / 'first_save'}/step-",
+    }
+    child = ChildRuns(tmp_path, shared_setup, [first_save])
+    child.wait_for_freeze()
+    child.kill()
+    checkpoints = tmp_path / "checkpoints" / "first_save"
+    (unfinished,) = [p for p in checkpoints.iterdir() if p.name.startswith("step-")]
+    assert not (unfinished / "metadata.json").exists()
+
+    rerun = ChildRuns(tmp_path, shared_setup, [{"name": "rerun", "overrides": run_overrides("first_save")}])
+    result = rerun.collect()["rerun"]
+    log = "\n".join(result["messages"]) + rerun.log()
+    assert f"Not resuming from checkpoint {unfinished}: incomplete: no metadata.json" in log
+    assert (
+        "holds a finished save (no metadata.json in any: a save was interrupted); moving them aside and starting"
+        in (log)
+    )
+    assert f"Moved {unfinished} aside to {checkpoints}/superseded/{unfinished.name}." in log
+    assert sorted(train_losses(result["steps"])) == list(range(STEPS))
+    assert (checkpoints / f"step-{STEPS - 1}" / "metadata.json").exists()

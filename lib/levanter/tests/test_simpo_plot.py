@@ -91,3 +91,59 @@ def test_tiny_run_writes_its_picture_from_its_metrics(tmp_path, capsys):
 
     assert simpo_plot.main([str(tmp_path)]) == 1
     assert f"{tmp_path / run_picture.HISTORY_FILE} does not exist" in capsys.readouterr().err
+
+
+def test_a_torn_history_line_is_skipped_naming_it_and_never_fails_the_run(tmp_path, capsys):
+    """A process killed while appending to simpo_metrics.jsonl leaves a torn last line: the next run resumes, trains,
+    saves and draws its picture with the line skipped and named (it used to exit 1 with a bare JSONDecodeError
+    after training), and simpo_plot redraws it."""
+    overrides = ["--trainer.id", "torn", "--trainer.steps_per_eval", "100", "--hf_save_path", "null"]
+    with contextlib.chdir(REPO):
+        config_path = _small_config(tmp_path)
+        run(tiny_config(tmp_path, *overrides, "--trainer.num_train_steps", "5", config_path=config_path))
+        run_dir = tmp_path / "logs" / "torn"
+        history = run_dir / run_picture.HISTORY_FILE
+        lines = history.read_text().splitlines(keepends=True)
+        with open(history, "a") as f:
+            f.write(lines[-1][: len(lines[-1]) // 2])  # torn mid-write: no end, no newline
+        torn_line = len(lines) + 1
+        (run_dir / run_picture.PICTURE_FILE).unlink()
+
+        tracked = TrackedMetrics()
+        plot_log = logging.getLogger(run_picture.__name__)
+        plot_log.addHandler(tracked)
+        try:
+            run(tiny_config(tmp_path, *overrides, "--trainer.num_train_steps", "8", config_path=config_path), tracked)
+        finally:
+            plot_log.removeHandler(tracked)
+
+    skipped = [m for m in tracked.messages if m.startswith(f"Skipping line {torn_line} of {history}: ")]
+    assert skipped and "not a metrics record (JSONDecodeError" in skipped[0], tracked.messages[-20:]
+    picture = run_dir / run_picture.PICTURE_FILE
+    assert picture.read_bytes().startswith(PNG_SIGNATURE)
+    # the resumed run's steps were appended after the torn line, and every step is there
+    assert sorted(run_picture.collect_series(history)["train/loss"]) == list(range(8))
+
+    picture.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "levanter.main.simpo_plot", str(run_dir)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"Skipping line {torn_line} of {history}" in done.stderr
+    assert picture.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_history_that_cannot_be_read_is_logged_not_raised(tmp_path):
+    """The picture is a by-product: at the end of a run that trained, any failure to draw it is logged."""
+    (tmp_path / run_picture.HISTORY_FILE).mkdir()  # unreadable as a file
+    tracked = TrackedMetrics()
+    plot_log = logging.getLogger(run_picture.__name__)
+    plot_log.addHandler(tracked)
+    try:
+        assert run_picture.write_run_picture(tmp_path) is None
+    finally:
+        plot_log.removeHandler(tracked)
+    assert any(
+        m.startswith(f"Could not draw the run picture from {tmp_path / run_picture.HISTORY_FILE}: IsADirectoryError")
+        for m in tracked.messages
+    ), tracked.messages

@@ -165,7 +165,21 @@ DAMAGE = {
     "truncated": (lambda step: _truncate(_largest_file(step), 1000), "unreadable: "),
     "metadata_deleted": (lambda step: (step / "metadata.json").unlink(), "incomplete: no metadata.json"),
     "record_garbled": (lambda step: _overwrite_middle(step / RECORD, 16), f"damaged: its {RECORD} is not valid JSON"),
+    # valid JSON of another shape: named and passed over like any damaged record (was KeyError: 'checksums')
+    "record_without_checksums": (
+        lambda step: _rewrite_record(step, lambda r: {k: v for k, v in r.items() if k != "checksums"}),
+        f"damaged: its {RECORD} holds no checksums",
+    ),
+    "record_not_an_object": (
+        lambda step: _rewrite_record(step, lambda r: [r]),
+        f"damaged: its {RECORD} is not a JSON object",
+    ),
 }
+
+
+def _rewrite_record(step: Path, change) -> None:
+    record = step / RECORD
+    record.write_text(json.dumps(change(json.loads(record.read_text()))))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -194,6 +208,30 @@ def test_a_run_whose_checkpoints_are_all_damaged_refuses_to_start_over(finished)
     print(error.value)
     assert f"{checkpoints}/step-3 (damaged: the checksums" in str(error.value)
     assert f"{checkpoints}/step-2 (damaged: the checksums" in str(error.value)
+
+
+def test_checkpoints_whose_saves_never_finished_are_moved_aside_and_the_run_starts_over(finished):
+    """A kill (or a full disk) during a run's first saves leaves step directories without metadata.json, Levanter's
+    commit marker, and possibly torn array files: nothing trained is at stake, so the rerun starts over (it used to
+    refuse, forever, with 'none can be resumed from')."""
+    runs, reference = finished
+    checkpoints = copy_run(runs, "never_committed")
+    for step in ("step-2", "step-3"):
+        (checkpoints / step / "metadata.json").unlink()  # as a kill before the save's end leaves it
+    _truncate(_largest_file(checkpoints / "step-3"), 100)  # and an array file cut short mid-write
+    losses, log = runs.run("never_committed", 4)
+    print(log)
+    for step in ("step-3", "step-2"):
+        assert f"Not resuming from checkpoint {checkpoints}/{step}: incomplete: no metadata.json" in log
+        assert f"Moved {checkpoints}/{step} aside to {checkpoints}/superseded/{step}." in log
+    assert (
+        "None of this run's 2 checkpoint directories holds a finished save (no metadata.json in any: a save was "
+        "interrupted); moving them aside and starting over from step 0" in log
+    )
+    assert losses == reference  # trained from scratch, as the uninterrupted run
+    assert sorted(p.name.split(".")[0] for p in (checkpoints / "superseded").iterdir()) == ["step-2", "step-3"]
+    assert runs.saved_steps("never_committed") == ["step-2", "step-3"]
+    assert (checkpoints / "step-3" / "metadata.json").exists()
 
 
 def test_a_diverging_loss_stops_the_run_before_the_export(finished):

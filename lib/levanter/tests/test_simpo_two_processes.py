@@ -216,10 +216,14 @@ def test_a_live_foreign_lease_stops_both_processes(trained_pod, pod):
 def test_a_cache_whose_source_changed_stops_both_processes(trained_pod, pod):
     tmp, shared = pod
     config = yaml.safe_load(shared.config.read_text())
-    source = next(iter(config["data"]["components"].values()))["source"]
+    component = next(iter(config["data"]["components"].values()))
+    source = component["source"]
     edited = tmp / "edited_train.jsonl"
     shutil.copy(source["train_urls"][0], edited)
     source["train_urls"] = [str(edited)]
+    # a cache_dir of the component's own is refused when its source changes (without one, the edited file would
+    # get a cache of its own beside the first)
+    component["cache_dir"] = str(tmp / "edited_cache" / "own")
     config_path = tmp / "edited_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     # its own cache: the module's was built from the unedited file

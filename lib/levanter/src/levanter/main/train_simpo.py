@@ -50,7 +50,12 @@ from levanter.simpo.objective.loss import LossType, _average_logp, simpo_loss, s
 from levanter.simpo.results import picture
 from levanter.simpo.results.evaluation import HeldOutEvaluator
 from levanter.simpo.results.export import export_tokenizer, generation_eos_token_ids
-from levanter.simpo.run.checkpoints import CheckpointRecords, resume_verified, training_identity
+from levanter.simpo.run.checkpoints import (
+    CheckpointRecords,
+    disk_refusals_named,
+    resume_verified,
+    training_identity,
+)
 from levanter.simpo.run.compilation_cache import with_compilation_cache
 from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
 from levanter.simpo.run.hosts import failing_together
@@ -259,7 +264,18 @@ def main(config: TrainSimpoConfig):
         )
 
     # a failure on any process of a multi-host run ends every process at once (levanter.simpo.run.hosts)
-    with failing_together(), RunLifecycle(config) as run, contextlib.ExitStack() as stack:
+    def checkpoint_roots() -> list[str]:
+        checkpointer = config.trainer.checkpointer
+        roots = [checkpointer.expanded_path(run.run_id)]
+        return roots + [p for p in [checkpointer.expanded_temporary_path(run.run_id)] if p is not None]
+
+    # a full disk surfaces from Levanter as a tensorstore traceback of an earlier asynchronous save: named here
+    with (
+        failing_together(),
+        RunLifecycle(config) as run,
+        disk_refusals_named(checkpoint_roots),
+        contextlib.ExitStack() as stack,
+    ):
         data_key, model_key, training_key = jrandom.split(jrandom.PRNGKey(config.trainer.seed), 3)
         if config.data_seed is not None:
             logger.info(f"Overriding data seed with {config.data_seed}")
@@ -318,9 +334,7 @@ def main(config: TrainSimpoConfig):
             # another data-parallel width may round the rows a step otherwise, which would move every later batch
             identity["rows_per_step"] = str(trainer_config.train_batch_size)
         # every save writes its record as part of saving (Levanter's Trainer keeps its checkpointer private)
-        checkpointer = config.trainer.checkpointer
-        save_roots = [checkpointer.expanded_path(trainer.run_id)]
-        save_roots += [p for p in [checkpointer.expanded_temporary_path(trainer.run_id)] if p is not None]
+        save_roots = checkpoint_roots()
         records = CheckpointRecords(trainer._checkpointer, save_roots, identity)
 
         def build_state(resuming: bool):

@@ -91,11 +91,15 @@ class CachedPairs:
             )
 
 
+class EmptyPreferenceDataError(ValueError):
+    """A split's cache holds no rows at all: its source files hold none."""
+
+
 def check_pair_info(info: np.ndarray, split: str, error_message: Callable[[int], str]) -> None:
     """Stops on a malformed row, naming it (``error_message(row)`` reads its message), or when no row trains;
     logs the drops by reason."""
     if len(info) == 0:
-        raise ValueError(f"The {split} preference data holds no rows.")
+        raise EmptyPreferenceDataError(f"The {split} preference data holds no rows.")
     status = info[:, PAIR_INFO.index("status")]
     errors = np.flatnonzero(status == STATUS_ERROR)
     if errors.size:
@@ -117,7 +121,9 @@ def open_cached_pairs(
     check_cache_settings(cache, format, tokenizer)
     store = _view(cache, {"pair_info": np.int32}).jagged_array_tree()["pair_info"]
     rows = int(store.num_rows)
-    info = np.asarray(store.data[0 : rows * len(PAIR_INFO)].read().result(), dtype=np.int32).reshape(rows, -1)
+    # (rows, len(PAIR_INFO)), not (rows, -1): numpy cannot infer a dimension of an empty array
+    flat = store.data[0 : rows * len(PAIR_INFO)].read().result() if rows else np.zeros(0)
+    info = np.asarray(flat, dtype=np.int32).reshape(rows, len(PAIR_INFO))
 
     def error_message(row: int) -> str:
         return bytes(_view(cache, {"error": np.uint8}).get_batch_sync([row])[0]["error"]).decode("utf-8")

@@ -15,13 +15,18 @@ from jaxtyping import PRNGKeyArray
 from haliax import Axis
 from levanter.data.dataset import AsyncDataset
 from levanter.data.mixture import MixtureDataset, rescale_mixture_schedule_for_batch_schedule
-from levanter.data.text.datasets import BlockShuffleConfig, DatasetComponent, DatasetComponentBase
+from levanter.data.text.datasets import (
+    BlockShuffleConfig,
+    DatasetComponent,
+    DatasetComponentBase,
+    UrlDatasetSourceConfig,
+)
 from levanter.data.text.formats import LmDatasetFormatBase
 from levanter.data.text.preference import PreferenceLmDataConfig, PreferencePairDataset
 from levanter.schedule import BatchSchedule
 from levanter.store.cache import TreeCache
 
-from .cache import CachedPairs, open_cached_pairs
+from .cache import CachedPairs, EmptyPreferenceDataError, open_cached_pairs
 from .cache_identity import build_identified_caches, recorded_identity
 from .packing import PackedPairDataset, first_fit_decreasing
 from .prompt_completion import PromptCompletionPreferenceFormat
@@ -206,7 +211,17 @@ def _open(
     if cache is None:
         raise ValueError(f"No {split} cache could be built for preference component {name!r}.")
     format = _check_format(config, name, seq_len)
-    pairs = open_cached_pairs(cache, format, config.the_tokenizer, split=f"{split} {name}")
+    try:
+        pairs = open_cached_pairs(cache, format, config.the_tokenizer, split=f"{split} {name}")
+    except EmptyPreferenceDataError:
+        component = config.components[name]
+        source = component.source if isinstance(component, DatasetComponent) else None
+        urls = source.urls_for_split(split) if isinstance(source, UrlDatasetSourceConfig) else []
+        files = f"its {split} files ({', '.join(urls)})" if urls else f"its {split} cache ({cache.cache_dir})"
+        raise EmptyPreferenceDataError(
+            f"Preference component {name!r} has no {split} rows: {files} hold no preference row. Point it at the "
+            "data, or remove the component" + (" or its weight" if split == "train" else "")
+        ) from None
     pairs.check_fits(seq_len)
     return pairs
 

@@ -134,13 +134,25 @@ def record_run(trainer: "TrainerConfig") -> Path:
 
 def collect_series(history: Path) -> dict[str, dict[int, float]]:
     """Every metric of a history file as ``{name: {step: value}}``; a step logged twice (a resumed run redoing the
-    steps after its last checkpoint) keeps the later value."""
+    steps after its last checkpoint) keeps the later value. A line that cannot be read (torn by a process killed
+    while writing it, or not a ``{"step", "metrics"}`` object) is skipped with a warning naming the file and line."""
     series: dict[str, dict[int, float]] = {}
-    with open(history) as f:
-        for line in f:
-            event = json.loads(line)
-            for name, value in event["metrics"].items():
-                series.setdefault(name, {})[event["step"]] = value
+    with open(history, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+                step, metrics = int(event["step"]), dict(event["metrics"])
+                values = {str(name): float(value) for name, value in metrics.items()}
+            except (ValueError, TypeError, KeyError) as e:
+                logger.warning(
+                    f"Skipping line {number} of {history}: not a metrics record ({type(e).__name__}: {e}); a process "
+                    "killed while writing it leaves such a line"
+                )
+                continue
+            for name, value in values.items():
+                series.setdefault(name, {})[step] = value
     return series
 
 
@@ -201,7 +213,14 @@ def write_run_picture(directory: Path) -> Path | None:
     trackers as an artifact (wandb uploads it). Only the process that wrote the history draws."""
     if jax.process_index() != 0:
         return None
-    out, drawn = draw(directory)
+    try:
+        out, drawn = draw(directory)
+    except Exception as e:  # the picture is a by-product: it never fails a run that trained
+        logger.error(
+            f"Could not draw the run picture from {directory / HISTORY_FILE}: {type(e).__name__}: {e}. The run's "
+            "checkpoints and exports are unaffected; redraw it with python -m levanter.main.simpo_plot"
+        )
+        return None
     logger.info(f"SimPO run picture ({len(drawn)} series): {out}")
     levanter.tracker.current_tracker().log_artifact(str(out), name=PICTURE_FILE, type="plot")
     return out

@@ -15,13 +15,15 @@ On resume, ``resume_verified`` walks the run's checkpoints newest first, says wh
 the skipped newer ones into ``superseded/``.
 """
 
+import contextlib
 import datetime
+import errno
 import fnmatch
 import json
 import logging
 import os
 import re
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import draccus
 import fsspec
@@ -310,7 +312,10 @@ def _read_checkpoints(roots: list[str], identity: Mapping[str, Any]) -> list[dic
         if problem is None and record is not None and not isinstance(record.get("checksums"), Mapping):
             problem = f"damaged: its {RECORD} holds no checksums"
         if problem is not None:
-            found.append({"step": step, "path": path, "problem": problem})
+            # committed: Levanter finished its save (metadata.json, written last); an uncommitted one holds no
+            # training a resume could continue
+            committed = _exists(prefix_join(path, "metadata.json"))
+            found.append({"step": step, "path": path, "problem": problem, "committed": committed})
         else:
             assert record is not None
             diff = identity_diff(record.get("identity") or {}, identity)
@@ -376,8 +381,103 @@ def resume_verified(
         else:
             logger.info(f"Checkpoint {path} verified: configuration and array checksums match")
         return state
+    if not any(c.get("committed", True) for c in checkpoints):
+        # only saves that never finished (a kill or a full disk during the run's first save): nothing trained is at
+        # stake, and refusing would stop every restart of the job
+        logger.warning(
+            f"None of this run's {len(skipped)} checkpoint directories holds a finished save (no metadata.json in "
+            "any: a save was interrupted); moving them aside and starting over from step 0"
+        )
+        _move_aside([p for p, _ in skipped])
+        trainer.config.load_checkpoint_path = None
+        trainer.config.load_checkpoint = False
+        return initial_state(False)
     raise NoUsableCheckpointError(
         "This run has checkpoints but none can be resumed from:\n  "
         + "\n  ".join(f"{p} ({why})" for p, why in skipped)
         + "\nStarting over would overwrite them: move them away or use another --trainer.id."
     )
+
+
+class DiskRefusedWriteError(RuntimeError):
+    """The disk refused a write of the run's (no space left, a quota or a file-size limit)."""
+
+
+_REFUSALS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file-size limit)",
+}
+# as tensorstore and other C++ layers put them into their messages
+_REFUSAL_TEXTS = {
+    "No space left on device": "no space left on device",
+    "Disk quota exceeded": "disk quota exceeded",
+    "File too large": "file too large (a file-size limit)",
+}
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its causes and contexts, and errors carried in its arguments (Levanter's trainer raises its exit
+    problems as a list), each once."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+        for arg in e.args:
+            pending += [a for a in (arg if isinstance(arg, (list, tuple)) else [arg]) if isinstance(a, BaseException)]
+
+
+def disk_refusal(error: BaseException) -> tuple[str, BaseException] | None:
+    """Why the disk refused a write, if that is what ``error`` (or what caused it) is, and the error that says so."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in _REFUSALS:
+            return _REFUSALS[e.errno], e
+        text = str(e)
+        for marker, reason in _REFUSAL_TEXTS.items():
+            if marker in text:
+                return reason, e
+    return None
+
+
+def _unfinished_save(roots: list[str]) -> tuple[int, str] | None:
+    """The oldest save of this run without its commit marker: the first that failed (a resumed run has moved any
+    older unfinished ones aside; a later one may be in flight when the failure surfaces)."""
+    for step, path in reversed(checkpoint_dirs(roots)):
+        if not _exists(prefix_join(path, "metadata.json")):
+            return step, path
+    return None
+
+
+@contextlib.contextmanager
+def disk_refusals_named(roots: Callable[[], list[str]]) -> Iterator[None]:
+    """Raises a ``DiskRefusedWriteError`` naming the reason, the checkpoint step and its path for an error caused by
+    a full disk (or a quota, or a file-size limit), which Levanter surfaces as a tensorstore traceback from an
+    earlier asynchronous save, at a later save or at the end of the run."""
+    try:
+        yield
+    except Exception as error:
+        refusal = disk_refusal(error)
+        if refusal is None:
+            raise
+        reason, cause = refusal
+        detail = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else type(cause).__name__
+        try:
+            unfinished = _unfinished_save(roots())
+        except Exception:  # the listing may fail on the same disk; the reason is what matters
+            unfinished = None
+        if unfinished is not None:
+            step, path = unfinished
+            where = f"writing checkpoint step-{step} to {path}"
+        elif isinstance(cause, OSError) and cause.filename:
+            where = f"writing {cause.filename}"
+        else:
+            where = f"writing under {', '.join(roots()) or 'the run outputs'}"
+        raise DiskRefusedWriteError(
+            f"The disk refused a write: {reason} {where} ({type(cause).__name__}: {detail}). Free space there (or "
+            "point the output elsewhere) and rerun the same command: it resumes from the newest finished checkpoint"
+        ) from error

@@ -67,9 +67,11 @@ class RunLease:
     ``LEASE_STALE_AFTER``.
     """
 
-    def __init__(self, checkpoint_dir: str, run_id: str):
-        self.path = f"{checkpoint_dir.rstrip('/')}/{LEASE_FILE}"
+    def __init__(self, checkpoint_dir: str, run_id: str, *, file: str = LEASE_FILE, label: str | None = None):
+        self.path = f"{checkpoint_dir.rstrip('/')}/{file}"
         self.run_id = run_id
+        self.label = label if label is not None else f"Run {run_id}"
+        """How log lines name the holder of this lease."""
         self._fs, self._plain = fsspec.core.url_to_fs(self.path)
         self._record = {
             "run_id": run_id,
@@ -83,44 +85,48 @@ class RunLease:
         self._renewer: threading.Thread | None = None
 
     def acquire(self) -> None:
+        holder = self.try_acquire()
+        if holder is not None:
+            raise RunLeaseHeldError(
+                f"Run {self.run_id} is already running: its checkpoint directory is leased by host "
+                f"{holder.get('host')} pid {holder.get('pid')}{_of_job(holder)} since "
+                f"{_when(holder.get('taken'))} ({self.path}). Two writers would overwrite each other's "
+                "checkpoints and exports; wait for that process to end or stop it, or use another trainer.id. "
+                f"A lease on another host that is not renewed is taken over after "
+                f"{LEASE_STALE_AFTER.total_seconds() / 60:.0f} minutes."
+            )
+
+    def try_acquire(self) -> dict | None:
+        """Takes the lease (taking over a stale one) and returns None, or returns the record of its live holder."""
         self._fs.makedirs(self._plain.rsplit("/", 1)[0], exist_ok=True)
         self._record["taken"] = time.time()
         for _ in range(3):
             if self._create():
                 host, pid = self._record["host"], self._record["pid"]
-                logger.info(f"Run {self.run_id}: took the lease {self.path} (host {host}, pid {pid})")
+                logger.info(f"{self.label}: took the lease {self.path} (host {host}, pid {pid})")
                 self._renewer = threading.Thread(target=self._renew, name="simpo-run-lease", daemon=True)
                 self._renewer.start()
-                return
+                return None
             holder = self._read()
             if holder is None:
                 continue  # released between our create and read
             stale = self._staleness(holder)
             if stale is None:
-                raise RunLeaseHeldError(
-                    f"Run {self.run_id} is already running: its checkpoint directory is leased by host "
-                    f"{holder.get('host')} pid {holder.get('pid')}{_of_job(holder)} since "
-                    f"{_when(holder.get('taken'))} ({self.path}). Two writers would overwrite each other's "
-                    "checkpoints and exports; wait for that process to end or stop it, or use another trainer.id. "
-                    f"A lease on another host that is not renewed is taken over after "
-                    f"{LEASE_STALE_AFTER.total_seconds() / 60:.0f} minutes."
-                )
+                return holder
             logger.warning(
-                f"Run {self.run_id}: taking over the stale lease {self.path} of host {holder.get('host')} pid "
+                f"{self.label}: taking over the stale lease {self.path} of host {holder.get('host')} pid "
                 f"{holder.get('pid')} ({stale})"
             )
             with contextlib.suppress(FileNotFoundError):
                 self._fs.rm(self._plain)
-        raise RunLeaseHeldError(
-            f"Run {self.run_id}: could not take the lease {self.path}; another process keeps at it"
-        )
+        raise RunLeaseHeldError(f"{self.label}: could not take the lease {self.path}; another process keeps at it")
 
     def _renew(self) -> None:
         while not self._stop_renewing.wait(LEASE_RENEW_EVERY.total_seconds()):
             try:
                 self._write()
             except Exception:  # a storage hiccup; the next renewal may succeed, and the lease is stale only after many
-                logger.exception(f"Run {self.run_id}: could not renew the lease {self.path}")
+                logger.exception(f"{self.label}: could not renew the lease {self.path}")
 
     def release(self) -> None:
         # the renewing thread is joined here, so none is left at interpreter shutdown
@@ -198,3 +204,8 @@ def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "an unknown time"
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def held_by(holder: dict) -> str:
+    """``host H pid P (job J, attempt A) since T``: who holds a lease, for messages."""
+    return f"host {holder.get('host')} pid {holder.get('pid')}{_of_job(holder)} since {_when(holder.get('taken'))}"
