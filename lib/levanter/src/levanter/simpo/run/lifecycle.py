@@ -178,7 +178,8 @@ class RunLifecycle:
         self._noop = True
         logger.info(
             f"Run {self.run_id} already finished: its checkpoint holds {step} steps of {target}. Nothing to train; "
-            "its checkpoints and exports are left as they are. Raise trainer.num_train_steps to train further, or use a new trainer.id."
+            "its checkpoints and exports are left as they are. Raise trainer.num_train_steps to train further, "
+            "or use a new trainer.id."
         )
         return True
 
