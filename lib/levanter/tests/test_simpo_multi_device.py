@@ -45,7 +45,6 @@ def test_losses_match_one_device(single_device_runs, mesh_runs, mesh):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("mesh", MESHES)
 def test_held_out_metrics_match_one_device(single_device_runs, mesh_runs, mesh):
     _, meshes = mesh_runs
     reference, ours = single_device_runs.reference, meshes[mesh]["steps"]
@@ -77,6 +76,7 @@ def test_a_run_on_a_mesh_resumes_when_extended(mesh_runs):
     assert "eval/loss" in extended["steps"][STEPS + 1]
 
 
+@pytest.mark.parametrize("mesh", MESHES)
 def test_final_parameters_match_one_device(single_device_runs, mesh_runs, mesh):
     tmp, _ = mesh_runs
 
