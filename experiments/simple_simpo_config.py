@@ -29,8 +29,8 @@ class SimpleSimPOConfig:
     train_batch_size: int | IntSchedule = 128
     """Preference pairs per step (in every pair layout: packed layouts take the rows that hold this many)."""
     pair_layout: PairLayoutName = "auto"
-    """How pairs fill the sequences; ``auto`` takes the fastest exact layout for the accelerator
-    (``levanter.simpo.objective.layouts.resolve_pair_layout``)."""
+    """How pairs fill the sequences; ``auto`` takes the fastest exact layout for the accelerator that trains every
+    pair, from the pairs' lengths (``levanter.simpo.objective.layouts.resolve_pair_layout``)."""
     max_pairs_per_row: int = 8
     per_device_parallelism: int = -1
     """Rows of the pair layout each device runs at once (Levanter's ``trainer.per_device_parallelism``): below a

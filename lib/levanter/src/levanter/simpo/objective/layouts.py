@@ -11,7 +11,8 @@
   (``levanter.data.simpo.shared_prompt``): the prompt runs once. Its attention needs an explicit mask
   (the rejected completion sees the prompt, not the chosen one), which TPU's splash-attention kernel does not
   take, so there it falls back to reference attention;
-- ``auto`` (the default): the fastest of these for the platform and rows (``resolve_pair_layout``).
+- ``auto`` (the default): the fastest of these for the platform that trains every pair, decided from the pairs'
+  lengths in the cache (``resolve_pair_layout``, ``LayoutChoice``).
 
 A layout is chosen once from the config (``pair_layout``) and both builds the rows and reduces the model's
 per-position log-probs to per-pair sums and counts, with axes ``{preference_side, ..., pair_in_row}``. Log-probs
