@@ -328,6 +328,7 @@ def default_simpo(
                 ),
                 mp=jmp.get_policy(MARIN_PRECISION),
                 train_batch_size=simpo_config.train_batch_size,
+                per_device_parallelism=simpo_config.per_device_parallelism,
                 num_train_steps=_num_train_steps(ctx, next(iter(weights)), simpo_config),
                 steps_per_eval=simpo_config.steps_per_eval,
                 checkpointer=CheckpointerConfig(

@@ -29,9 +29,14 @@ class SimpleSimPOConfig:
     train_batch_size: int | IntSchedule = 128
     """Preference pairs per step (in every pair layout: packed layouts take the rows that hold this many)."""
     pair_layout: PairLayoutName = "auto"
-    """How pairs fill the sequences; ``auto`` takes the fastest exact layout for the accelerator
-    (``levanter.simpo.objective.layouts.resolve_pair_layout``)."""
+    """How pairs fill the sequences; ``auto`` takes the fastest exact layout for the accelerator that trains every
+    pair, from the pairs' lengths (``levanter.simpo.objective.layouts.resolve_pair_layout``)."""
     max_pairs_per_row: int = 8
+    per_device_parallelism: int = -1
+    """Rows of the pair layout each device runs at once (Levanter's ``trainer.per_device_parallelism``): below a
+    step's rows a device, the step runs as microbatches of this many rows a device, gradients accumulated, the
+    loss, metrics and gradients exactly the unsplit step's in every layout. -1: a step's rows at once. A row costs
+    at most what a padded pair costs, so what fits ``padded`` fits every layout (docs/speed.md, "Microbatches")."""
     num_train_steps: int | None = None
     num_train_epochs: int | None = None
     """Passes over the training pairs, resolved to steps from the tokenized cache when the run starts.
@@ -142,6 +147,7 @@ class SimpleSimPOConfig:
             train_batch_size=config.trainer.train_batch_size,
             pair_layout=config.pair_layout,
             max_pairs_per_row=config.max_pairs_per_row,
+            per_device_parallelism=config.trainer.per_device_parallelism,
             learning_rate=optimizer.learning_rate,
             weight_decay=optimizer.weight_decay,
             warmup=optimizer.warmup,

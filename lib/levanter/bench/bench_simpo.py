@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+_PROCESS_START = time.perf_counter()  # the first-step breakdown counts the imports from here
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import bench_data  # noqa: E402
@@ -52,7 +54,8 @@ from levanter.main.train_simpo import simpo_loss  # noqa: E402
 from levanter.models.llama import LlamaConfig  # noqa: E402
 from levanter.models.lm_model import LmExample  # noqa: E402
 from levanter.optim.config import AdamConfig  # noqa: E402
-from levanter.simpo.objective.layouts import PairLayout, pair_layout, resolve_pair_layout  # noqa: E402
+from levanter.simpo.objective.accumulation import SimpoTrainer  # noqa: E402
+from levanter.simpo.objective.layouts import PairLayout, PairLengths, pair_layout, resolve_pair_layout  # noqa: E402
 from levanter.store.cache import SerialCacheWriter  # noqa: E402
 from levanter.tracker import NoopConfig  # noqa: E402
 from levanter.trainer import Trainer, TrainerConfig  # noqa: E402
@@ -77,11 +80,12 @@ def model_config(size: str, seq_len: int) -> LlamaConfig:
     return LlamaConfig(max_seq_len=seq_len, gradient_checkpointing=False, **SIZES[size])
 
 
-def trainer_config(batch: int) -> TrainerConfig:
+def trainer_config(batch: int, per_device: int = -1) -> TrainerConfig:
     return TrainerConfig(
         id="bench-simpo",
         num_train_steps=10_000,
         train_batch_size=batch,
+        per_device_parallelism=per_device,
         mp=jmp.get_policy("p=f32,c=f32"),
         tracker=NoopConfig(),
         watch=WatchConfig(watch_targets=[]),
@@ -133,8 +137,8 @@ def as_lm_batch(pairs: DpoExample) -> LmExample:
 def simpo_fn(layout: PairLayout | None = None):
     layout = layout if layout is not None else pair_layout("padded", 1)
 
-    def loss(model, example, *, key=None):
-        return simpo_loss(model, example, layout=layout, beta=2.0, gamma_beta_ratio=0.5, key=key)
+    def loss(model, example, *, key=None, step=None):
+        return simpo_loss(model, example, layout=layout, beta=2.0, gamma_beta_ratio=0.5, key=key, step=step)
 
     return loss
 
@@ -150,7 +154,17 @@ def dpo_step_loss(model: DpoModel, example, *, key=None):
 class Stepper:
     """A Trainer, its state and one batch: ``step()`` runs and waits for one optimizer step."""
 
-    def __init__(self, variant: str, size: str, seq_len: int, pairs: DpoExample | object, rows: int, loss=None):
+    def __init__(
+        self,
+        variant: str,
+        size: str,
+        seq_len: int,
+        pairs: DpoExample | object,
+        rows: int,
+        *,
+        layout: PairLayout | None = None,
+        per_device: int = -1,
+    ):
         config = model_config(size, seq_len)
         optimizer = AdamConfig(learning_rate=1e-4, warmup=0.0).build(10_000)
         key_p, key_r = jrandom.split(jrandom.PRNGKey(0))
@@ -163,7 +177,9 @@ class Stepper:
             self.trainer = Trainer(trainer_config(2 * rows), optimizer, lm_loss)
             model, trainable, self.batch = config.build(VOCAB, key=key_p), True, as_lm_batch(pairs)
         else:
-            self.trainer = Trainer(trainer_config(rows), optimizer, loss or simpo_fn())
+            # SimPO's trainer: microbatches (per_device rows a device at once) give the unsplit step's loss
+            layout = layout if layout is not None else pair_layout("padded", 1)
+            self.trainer = SimpoTrainer(trainer_config(rows, per_device), optimizer, simpo_fn(layout), layout=layout)
             model, trainable, self.batch = config.build(VOCAB, key=key_p), True, pairs
         self.stack = contextlib.ExitStack()
         self.stack.enter_context(self.trainer)
@@ -336,6 +352,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--first-step", metavar="CACHE_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--first-step-breakdown", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--microbatches",
+        action="store_true",
+        help="only memory and step time against microbatch size per layout, "
+        "and the time to the first step by phase",
+    )
     parser.add_argument("--data-only", action="store_true", help="only the data sections: tokenization and start-up")
     parser.add_argument("--skip-data", action="store_true", help="skip the data sections (bench_data.py)")
     parser.add_argument("--startup-pairs", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -350,6 +373,9 @@ def main() -> None:
     if args.first_step:
         first_step_worker(args.size, seq_len, pairs, args.first_step)
         return
+    if args.first_step_breakdown:
+        first_step_breakdown_worker(args.size, seq_len, pairs)
+        return
     # "medium" (--sizes medium) takes tens of minutes per row on a shared 2-core CPU
     sizes = args.sizes or (["tiny"] if args.quick else ["tiny", "small"])
     repeats = args.repeats or (3 if args.quick else 5)
@@ -361,6 +387,11 @@ def main() -> None:
         f"{os.cpu_count()} CPUs"
     )
     print(f"jax {jax.__version__}, load average at start {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f}")
+    if args.microbatches:
+        size = sizes[-1] if args.quick else "small"
+        microbatch_section(size, args.quick, repeats)
+        first_step_breakdown(size, seq_len if args.quick else 512, 8)
+        return
     if not args.skip_data:
         data_sections(args, seq_len, pairs)
     if args.data_only:
@@ -408,7 +439,80 @@ def main() -> None:
 
     padding_section()
     default_path_section(sizes[-1] if args.quick else "small", args.quick, repeats)
+    microbatch_section(sizes[-1] if args.quick else "small", args.quick, repeats)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+def microbatch_section(size: str, quick: bool, repeats: int) -> None:
+    """Per layout, the same step of rows split into microbatches of fewer rows: XLA's planned memory for the
+    compiled step (arguments, temporaries, outputs: the device memory on an accelerator) and the median step time."""
+    lay_len, rows_a_step = (128, 8) if quick else (512, 8)
+    scale = lay_len / 2048  # UltraFeedback lengths scaled to the row, as in the default-path section
+    cache = write_cache(ultrafeedback_like(2048, lay_len, scale=scale, seed=1))
+    Pos = Axis("position", lay_len)
+    print(
+        f"\n## Microbatches: memory and step time ({size} model, {rows_a_step} rows of {lay_len} a step, "
+        f"median of {repeats} interleaved steps)\n"
+    )
+    print("| layout | rows a microbatch | microbatches | pairs a step | XLA step MB | step s | pairs/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("padded", "packed", "shared_prompt"):
+        layout = pair_layout(name, 8)
+        rows = layout.rows(cache, cache.kept, Pos)
+        picked = np.linspace(0, len(rows.pairs_per_row) - 1, rows_a_step).round().astype(int).tolist()
+        batch = stacked(rows.dataset.as_sync_dataset().get_batch(picked))
+        pairs = int(rows.pairs_per_row[picked].sum())
+        steppers = {
+            per: Stepper("simpo", size, lay_len, batch, rows_a_step, layout=layout, per_device=per)
+            for per in (rows_a_step, rows_a_step // 2, rows_a_step // 4, 1)
+        }
+        memory = {per: s.xla_memory_mb() for per, s in steppers.items()}
+        times = interleaved_medians(steppers, repeats)
+        for per, t in times.items():
+            print(
+                f"| {name} | {per} | {rows_a_step // per} | {pairs} | {memory[per]:.1f} | {t:.3f} | {pairs / t:.1f} |",
+                flush=True,
+            )
+        del steppers
+
+
+def first_step_breakdown_worker(size: str, seq_len: int, rows: int) -> None:
+    """A fresh process's time to its first step, by phase, with no persistent compilation cache: the imports (from
+    this module's start), the data (UltraFeedback-like pairs written to a pair cache, laid out by ``auto``'s
+    choice), the model and trainer state (its initialisation compiled), the compile (the first step's time less a
+    steady step's) and the step itself (the fastest of four steady steps)."""
+    phases = {"imports": time.perf_counter() - _PROCESS_START}
+    start = time.perf_counter()
+    cache = write_cache(ultrafeedback_like(2048, seq_len, scale=seq_len / 2048, seed=1))
+    Pos = Axis("position", seq_len)
+    name, _ = resolve_pair_layout("auto", seq_len, PairLengths.of([cache]), jax.default_backend(), 8)
+    layout = pair_layout(name, 8)
+    laid_out = layout.rows(cache, cache.kept, Pos)
+    batch = stacked(laid_out.dataset.as_sync_dataset().get_batch(list(range(rows))))
+    phases["data"] = time.perf_counter() - start
+    start = time.perf_counter()
+    stepper = Stepper("simpo", size, seq_len, batch, rows, layout=layout)
+    jax.block_until_ready(stepper.state.model)
+    phases["model"] = time.perf_counter() - start
+    first = stepper.step()
+    # the fastest of the next steps: Levanter compiles its step without jit hooks on the next one
+    steady = min(stepper.step() for _ in range(4))
+    phases["compile"] = first - steady
+    phases["first step"] = steady
+    print(json.dumps({"layout": name, **phases}))
+
+
+def first_step_breakdown(size: str, seq_len: int, rows: int) -> None:
+    cache_dir = tempfile.mkdtemp(prefix="bench_simpo_cold_jax_cache")  # empty: nothing compiled before
+    cmd = [sys.executable, __file__, "--first-step-breakdown", "--size", size, "--seq-len", str(seq_len)]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
+    run = subprocess.run(cmd + ["--pairs", str(rows)], capture_output=True, text=True, check=True, env=env)
+    phases = json.loads(run.stdout.strip().splitlines()[-1])
+    layout = phases.pop("layout")
+    print(f"\n## Time to the first step, fresh process ({size} model, {rows} rows of {seq_len}, {layout})\n")
+    print("| " + " | ".join(phases) + " | total |")
+    print("|" + "---|" * (len(phases) + 1))
+    print("| " + " | ".join(f"{v:.1f} s" for v in phases.values()) + f" | {sum(phases.values()):.1f} s |", flush=True)
 
 
 def padding_section() -> None:
@@ -474,8 +578,8 @@ def default_path_section(size: str, quick: bool, repeats: int) -> None:
     scale = lay_len / 2048  # UltraFeedback lengths scaled to the row, so rows fill as they would at 2048
     cache = write_cache(ultrafeedback_like(2048, lay_len, scale=scale, seed=1))
     Pos = Axis("position", lay_len)
-    # the 8B recipe's shape: rows as long as the data's max_length
-    default, reason = resolve_pair_layout("auto", lay_len, [lay_len], jax.default_backend())
+    # the 8B recipe's shape: rows as long as the data's max_length; auto decides from these pairs' lengths
+    default, reason = resolve_pair_layout("auto", lay_len, PairLengths.of([cache]), jax.default_backend(), k)
 
     def timed_batch(rows, n: int):
         # step time depends only on the batch's shape; evenly spaced rows keep first-fit decreasing's fullest
@@ -499,7 +603,7 @@ def default_path_section(size: str, quick: bool, repeats: int) -> None:
         if layout is None:
             steppers[name] = Stepper(variant, size, lay_len, padded_batch, n)
         else:
-            steppers[name] = Stepper("simpo", size, lay_len, timed_batch(rows, n), n, loss=simpo_fn(layout))
+            steppers[name] = Stepper("simpo", size, lay_len, timed_batch(rows, n), n, layout=layout)
         flops[name] = step_flops(steppers[name], variant, layout)
     t = interleaved_medians(steppers, repeats)
 

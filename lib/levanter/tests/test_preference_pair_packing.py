@@ -11,7 +11,13 @@ import pytest
 
 from levanter.data.simpo.packing import PACKING_WINDOW, first_fit_decreasing
 from levanter.schedule import ScheduleStep
-from levanter.simpo.objective.layouts import log_rows_per_step, resolve_pair_layout, rows_per_step, trainer_in_rows
+from levanter.simpo.objective.layouts import (
+    PairLengths,
+    log_rows_per_step,
+    resolve_pair_layout,
+    rows_per_step,
+    trainer_in_rows,
+)
 from levanter.trainer import TrainerConfig
 
 SEQ = 2048
@@ -75,15 +81,29 @@ def test_first_fit_decreasing_puts_the_longest_first_and_respects_its_limits():
         first_fit_decreasing(np.array([[3, 3], [2, 9]]), 8, 4)
 
 
-def test_auto_takes_the_fastest_exact_layout_for_the_platform():
-    assert resolve_pair_layout("auto", 2048, [2048], "tpu")[0] == "packed"
-    assert resolve_pair_layout("auto", 4096, [2048], "gpu")[0] == "packed"
-    layout, reason = resolve_pair_layout("auto", 4096, [2048, 1024], "cpu")
-    assert layout == "shared_prompt" and "prompt runs once" in reason
-    layout, reason = resolve_pair_layout("auto", 2048, [2048], "cpu")
-    assert layout == "packed" and "twice the data's max_length (2048)" in reason
-    assert resolve_pair_layout("auto", 4096, [None], "cpu")[0] == "packed"
-    assert resolve_pair_layout("padded", 4096, [64], "cpu") == ("padded", "as configured")
+def _lengths(prompt, chosen, rejected) -> PairLengths:
+    return PairLengths(np.array(prompt), np.array(chosen), np.array(rejected))
+
+
+def test_auto_takes_the_fastest_layout_that_trains_every_pair():
+    # lengths as the cache keeps them, each side with its prompt; as a shared row: 200 + 150 - 100 = 250 positions,
+    # and 150 + 200 - 50 = 300
+    fit = _lengths([100, 50], [200, 150], [150, 200])
+    layout, reason = resolve_pair_layout("auto", 512, fit, "cpu")
+    assert layout == "shared_prompt" and "the prompt runs once" in reason
+    assert "2 of 2 pairs (100.0%) fit a shared_prompt row of 512 positions" in reason
+    # one row of 512 each for shared_prompt (250 + 300 > 512), one row pair for packed (350 tokens on each side)
+    assert "positions computed: padded 2,048, packed 1,024, shared_prompt 1,024" in reason
+    # a pair of 400 + 300 - 100 = 600 positions fits no shared row of 512, though each side fits: packed
+    one_over = _lengths([100, 100], [200, 400], [150, 300])
+    layout, reason = resolve_pair_layout("auto", 512, one_over, "cpu")
+    assert layout == "packed" and "packed trains every pair" in reason
+    assert "1 of 2 pairs (50.0%) fit" in reason and "shared_prompt - (drops 1 pairs)" in reason
+    # the fused attention kernels of GPU and TPU take no explicit mask
+    for backend in ("gpu", "tpu"):
+        layout, reason = resolve_pair_layout("auto", 512, fit, backend)
+        assert layout == "packed" and "2 of 2 pairs" in reason
+    assert resolve_pair_layout("padded", 512, one_over, "cpu") == ("padded", "as configured")
 
 
 def test_a_batch_of_pairs_becomes_the_rows_that_hold_them():

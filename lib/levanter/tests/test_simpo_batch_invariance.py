@@ -1,10 +1,13 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
-"""The same global batch gives the same SimPO loss and gradients however Levanter splits it into microbatches.
+"""The same global batch of one pair a row gives the same SimPO loss and gradients however Levanter's own
+``microbatched`` splits it.
 
 Levanter's gradient accumulation (``levanter.grad_accum.microbatched``, what ``trainer.per_device_parallelism``
-turns on) averages the per-microbatch losses and gradients. The SimPO loss is a mean over pairs and every
-microbatch holds the same number of pairs, so the average of the microbatch means is the mean over the whole batch.
+turns on) averages the per-microbatch losses and gradients. The SimPO loss is a mean over pairs and here every
+microbatch holds the same number of pairs, so the average of the microbatch means is the mean over the whole batch,
+even without the step's share that ``SimpoTrainer`` passes (``test_simpo_accumulation.py`` covers rows of several
+pairs and the SFT term, through the trainer).
 """
 
 import functools
@@ -79,33 +82,3 @@ def test_microbatch_size_does_not_change_loss_metrics_or_gradients(model, pairs,
     for name in ("simpo_loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert split_metrics[name] == pytest.approx(metrics[name], rel=RTOL, abs=1e-6), name
     assert _max_relative_grad_difference(split_grads, grads) < RTOL
-
-
-def test_the_sft_term_is_a_mean_of_microbatch_token_means(model, pairs):
-    """The SFT term is a mean over chosen tokens, as in the reference trainer, so it is the one part that depends on
-    the split: under accumulation it is the mean of per-microbatch token means (SIMPO.md)."""
-    split_loss, metrics, _ = _loss_and_grads(model, pairs, 4, sft_weight=1.0)
-    halves = [_loss_and_grads(model, _rows(pairs, start, start + 4), 4, sft_weight=1.0)[0] for start in (0, 4)]
-    assert split_loss == pytest.approx(np.mean(halves), rel=RTOL)
-    # the metrics fold to the whole batch's values; the loss is 2.5e-3 away from them, 250 times the tolerance
-    whole_batch_loss = metrics["simpo_loss"] + metrics["simpo_sft_loss"]
-    assert abs(split_loss - whole_batch_loss) > 100 * RTOL * whole_batch_loss
-
-
-def _rows(pairs: DpoExample, start: int, stop: int) -> DpoExample:
-    return jax.tree.map(lambda x: x[Batch.name, start:stop], pairs, is_leaf=lambda x: isinstance(x, hax.NamedArray))
-
-
-@pytest.mark.parametrize("layout", ["auto", "packed", "shared_prompt"])
-def test_rows_of_several_pairs_refuse_microbatches(layout):
-    # microbatches of such rows hold different numbers of pairs, and Levanter averages their losses equally
-    from levanter.main.train_simpo import TrainSimpoConfig, validate_config
-    from levanter.trainer import TrainerConfig
-
-    split = TrainSimpoConfig(pair_layout=layout, trainer=TrainerConfig(train_batch_size=8, per_device_parallelism=4))
-    with pytest.raises(ValueError, match=f"pair_layout {layout} holds a varying number of pairs a row"):
-        validate_config(split)
-    validate_config(TrainSimpoConfig(pair_layout=layout, trainer=TrainerConfig(train_batch_size=8)))
-    validate_config(
-        TrainSimpoConfig(pair_layout="padded", trainer=TrainerConfig(train_batch_size=8, per_device_parallelism=4))
-    )

@@ -61,6 +61,12 @@ def test_trainer_uses_marin_precision_checkpointing_and_a_run_id_per_step():
     assert trainer.mesh.compute_mapping["token"] == ["replica_dcn", "replica", "data"]
 
 
+def test_microbatches_are_asked_in_rows_a_device():
+    assert _train_config(_simpo()).trainer.per_device_parallelism == -1  # a step's rows at once
+    trainer = _train_config(_simpo(per_device_parallelism=2)).trainer
+    assert trainer.per_device_parallelism == 2 and trainer.train_batch_size == 128
+
+
 def test_validation_caches_need_the_split_fraction_off():
     config = SimpleSimPOConfig(resources=ResourceConfig.with_cpu(), num_train_steps=10)
     with pytest.raises(ValueError, match="validation_split_fraction=None"):

@@ -37,16 +37,17 @@ from levanter.main.model_init import load_model_from_source, prepare_model_init_
 from levanter.models.llama import LlamaConfig
 from levanter.models.lm_model import LmConfig, LmHeadModel
 from levanter.optim.config import AdamConfig, OptimizerConfig
+from levanter.simpo.objective.accumulation import SimpoTrainer
 from levanter.simpo.objective.layouts import (
+    LayoutChoice,
+    PairLayout,
     PairLayoutName,
     check_pair_layout,
     layout_note,
     log_rows_per_step,
-    pair_layout,
-    resolve_pair_layout,
     trainer_in_rows,
 )
-from levanter.simpo.objective.loss import LossType, _average_logp, simpo_loss, simpo_loss_from_logps
+from levanter.simpo.objective.loss import LossType, StepShare, _average_logp, simpo_loss, simpo_loss_from_logps
 from levanter.simpo.results import picture
 from levanter.simpo.results.evaluation import HeldOutEvaluator
 from levanter.simpo.results.export import export_tokenizer, generation_eos_token_ids
@@ -62,7 +63,7 @@ from levanter.simpo.run.hosts import failing_together
 from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
 from levanter.simpo.run.nonfinite import NonFiniteGuard
 from levanter.simpo.run.tags import check_run_tags, tag_preference_run
-from levanter.trainer import Trainer, TrainerConfig
+from levanter.trainer import TrainerConfig
 from levanter.trainer_state import trainables_only
 from levanter.utils.jax_utils import parameter_count
 
@@ -180,16 +181,6 @@ def validate_config(config: TrainSimpoConfig) -> None:
     if not (math.isfinite(config.sft_weight) and config.sft_weight >= 0):
         raise ValueError(f"sft_weight must be a non-negative finite number, got {config.sft_weight}")
     check_pair_layout(config.pair_layout, config.max_pairs_per_row)
-    microbatch = config.trainer.microbatch_size
-    largest_batch = max(segment.value for segment in config.trainer.batch_schedule.segments)
-    if config.pair_layout != "padded" and microbatch is not None and microbatch < largest_batch:
-        # Levanter averages microbatch losses equally; rows of several pairs give microbatches unequal pair
-        # counts, so that average would not be the mean over the batch's pairs
-        raise ValueError(
-            f"pair_layout {config.pair_layout} holds a varying number of pairs a row, so splitting a batch of "
-            f"{largest_batch} pairs into microbatches (trainer.per_device_parallelism gives {microbatch}) would "
-            "weight pairs unequally; use pair_layout padded with microbatches, or a batch that fits without them"
-        )
     fraction = config.validation_split_fraction
     if fraction is not None and not 0 <= fraction < 1:
         raise ValueError(f"validation_split_fraction must be in [0, 1) or null, got {fraction}")
@@ -229,6 +220,7 @@ def main(config: TrainSimpoConfig):
 
     # before Levanter derives it from the batch of pairs: packed layouts count evaluation rows, not pairs
     eval_parallelism_set = config.trainer.per_device_eval_parallelism != -1
+    microbatch_per_device = config.trainer.per_device_parallelism  # -1 unless set: rows a device, for packed rows
     levanter.trainer.initialize(config)
     # every step's metrics to the run directory and a loss/accuracy progress line, whatever the trackers
     run_dir = picture.record_run(config.trainer)
@@ -239,16 +231,16 @@ def main(config: TrainSimpoConfig):
         raise ValueError(
             f"train_seq_len must be in [1, model max_seq_len={config.model.max_seq_len}], got {train_length}"
         )
-    # the formats are checked when the splits are built; here only their budgets matter
-    max_lengths = [getattr(component_format(n, c), "max_length", None) for n, c in config.data.components.items()]
-    backend = jax.default_backend()
-    layout_name, layout_reason = resolve_pair_layout(config.pair_layout, train_length, max_lengths, backend)
-    layout = pair_layout(layout_name, config.max_pairs_per_row)
-    # the run's identity records the layout its rows were made by: another platform may resolve auto otherwise
-    config = dataclasses.replace(config, pair_layout=layout_name)
+    # auto is decided from the pairs' lengths once the caches are open (LayoutChoice); the closures below see it
+    layout: PairLayout
 
     def loss_function(
-        model: LmHeadModel, example: DpoExample | PrefixSharedPairs, *, key=None, length_diagnostics: bool = False
+        model: LmHeadModel,
+        example: DpoExample | PrefixSharedPairs,
+        *,
+        key=None,
+        length_diagnostics: bool = False,
+        step: StepShare | None = None,
     ):
         return simpo_loss(
             model,
@@ -260,6 +252,7 @@ def main(config: TrainSimpoConfig):
             label_smoothing=config.label_smoothing,
             sft_weight=config.sft_weight,
             length_diagnostics=length_diagnostics,
+            step=step,
             key=key,
         )
 
@@ -283,13 +276,19 @@ def main(config: TrainSimpoConfig):
         adapter_key = jrandom.fold_in(model_key, ord("a"))
         Pos = config.model.max_Pos.resize(train_length)
 
+        choice = LayoutChoice(config.pair_layout, config.max_pairs_per_row, Pos, jax.default_backend())
         splits = build_preference_splits(
             config.data,
-            lambda pairs, kept: layout.rows(pairs, kept, Pos),
+            None,
+            choose_rows=choice,
             seq_len=Pos.size,
             key=data_key,
             validation_split_fraction=config.validation_split_fraction,
         )
+        assert choice.layout is not None
+        layout, layout_reason = choice.layout, "auto" if config.pair_layout == "auto" else "as configured"
+        # the run's identity records the layout its rows were made by: another platform may resolve auto otherwise
+        config = dataclasses.replace(config, pair_layout=layout.name)  # type: ignore[arg-type]
         for split, stats in splits.stats.items():
             logger.info(f"Preference data ({split}): {stats.describe()}")
             levanter.tracker.log_summary(stats.as_metrics(f"data/{split}"))
@@ -300,12 +299,15 @@ def main(config: TrainSimpoConfig):
         trainer_config = config.trainer
         if layout.name != "padded":
             trainer_config = trainer_in_rows(
-                config.trainer, splits.pairs_per_row, eval_parallelism_set=eval_parallelism_set
+                config.trainer,
+                splits.pairs_per_row,
+                eval_parallelism_set=eval_parallelism_set,
+                microbatch_per_device=microbatch_per_device,
             )
-            log_rows_per_step(config.trainer, trainer_config, splits.pairs_per_row)
+        log_rows_per_step(config.trainer, trainer_config, splits.pairs_per_row if layout.name != "padded" else 1.0)
         # Levanter's Trainer takes loss functions returning (loss, metrics), as its DPO entrypoint's do; its
-        # ComputeLossFunction protocol names only the LM form
-        trainer = stack.enter_context(Trainer(trainer_config, optimizer, loss_function))  # type: ignore[arg-type]
+        # ComputeLossFunction protocol names only the LM form. SimpoTrainer makes microbatches exact (accumulation.py)
+        trainer = stack.enter_context(SimpoTrainer(trainer_config, optimizer, loss_function, layout=layout))
         run.attach(trainer)
         parameter_axis_mapping = trainer.parameter_axis_mapping
         Vocab = round_axis_for_partitioning(Axis("vocab", len(tokenizer)), parameter_axis_mapping)

@@ -228,16 +228,18 @@ def _open(
 
 def build_preference_splits(
     config: PreferenceLmDataConfig,
-    rows_of: RowBuilder,
+    rows_of: RowBuilder | None,
     *,
     seq_len: int,
     key: PRNGKeyArray,
     validation_split_fraction: float | None,
+    choose_rows: Callable[[Sequence[CachedPairs]], RowBuilder] | None = None,
 ) -> PreferenceSplits:
     """Training rows (each component shuffled, then mixed so that the drawn pairs follow the configured weights)
     and held-out rows per
     component: the last ``validation_split_fraction`` of each component's pairs, or its validation set when the
-    fraction is None. ``rows_of`` lays a split's pairs out in rows (the pair layout)."""
+    fraction is None. ``rows_of`` lays a split's pairs out in rows (the pair layout); ``choose_rows``, when given,
+    is asked for it instead once every split's pairs are open (and their lengths known), training and held-out."""
     weights = training_weights(config)
     names = _trained_components(weights)
     for name in config.components:
@@ -249,8 +251,17 @@ def build_preference_splits(
     validation: dict[str, AsyncDataset] = {}
     mix_key, *component_keys = jrandom.split(key, len(names) + 1)
     shuffle_keys = dict(zip(names, component_keys))
+    train_pairs = {name: _open(config, train_caches, name, "train", seq_len) for name in names}
+    validation_pairs: dict[str, CachedPairs] = {}
+    if validation_split_fraction is None:
+        for name, cache in build_identified_caches(config, "validation").items():
+            validation_pairs[name] = _open(config, {name: cache}, name, "validation", seq_len)
+    if choose_rows is not None:
+        rows_of = choose_rows([*train_pairs.values(), *validation_pairs.values()])
+    if rows_of is None:
+        raise ValueError("build_preference_splits needs rows_of or choose_rows")
     for name in names:
-        pairs = _open(config, train_caches, name, "train", seq_len)
+        pairs = train_pairs[name]
         stats[f"train/{name}"] = pairs.stats()
         kept = pairs.kept
         if validation_split_fraction is not None:
@@ -264,11 +275,9 @@ def build_preference_splits(
         train_rows[name] = rows
         train[name] = _shuffled(rows.dataset, config, shuffle_keys[name])
 
-    if validation_split_fraction is None:
-        for name, cache in build_identified_caches(config, "validation").items():
-            pairs = _open(config, {name: cache}, name, "validation", seq_len)
-            stats[f"validation/{name}"] = pairs.stats()
-            validation[name] = rows_of(pairs, pairs.kept).dataset
+    for name, pairs in validation_pairs.items():
+        stats[f"validation/{name}"] = pairs.stats()
+        validation[name] = rows_of(pairs, pairs.kept).dataset
 
     per_row = {name: float(rows.pairs_per_row.mean()) for name, rows in train_rows.items()}
     sources = {name: recorded_identity(train_caches[name]) for name in names}

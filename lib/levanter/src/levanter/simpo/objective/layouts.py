@@ -11,7 +11,8 @@
   (``levanter.data.simpo.shared_prompt``): the prompt runs once. Its attention needs an explicit mask
   (the rejected completion sees the prompt, not the chosen one), which TPU's splash-attention kernel does not
   take, so there it falls back to reference attention;
-- ``auto`` (the default): the fastest of these for the platform and rows (``resolve_pair_layout``).
+- ``auto`` (the default): the fastest of these for the platform that trains every pair, decided from the pairs'
+  lengths in the cache (``resolve_pair_layout``, ``LayoutChoice``).
 
 A layout is chosen once from the config (``pair_layout``) and both builds the rows and reduces the model's
 per-position log-probs to per-pair sums and counts, with axes ``{preference_side, ..., pair_in_row}``. Log-probs
@@ -22,6 +23,7 @@ loss adds it once.
 import abc
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -31,13 +33,14 @@ import numpy as np
 import haliax as hax
 from haliax import Axis, NamedArray, NamedOrNumeric
 from levanter.data.simpo.cache import CachedPairs
+from levanter.data.simpo.packing import first_fit_decreasing
 from levanter.data.simpo.shared_prompt import CHOSEN, REJECTED, PrefixSharedPairs
 from levanter.data.simpo.splits import PairRows, packed_pair_rows, padded_pair_rows, shared_prompt_rows
 from levanter.data.text.preference import DpoExample
 from levanter.layers.attention import AttentionMask
 from levanter.models.lm_model import LmExample, LmHeadModel, split_activations
 from levanter.models.loss import maybe_fused_next_token_loss
-from levanter.schedule import IntSchedule
+from levanter.schedule import IntSchedule, distinct_values
 from levanter.trainer import TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -108,6 +111,11 @@ class PairLayout(abc.ABC):
     @abc.abstractmethod
     def logps(self, model: LmHeadModel, example, *, key=None) -> PairLogps: ...
 
+    @abc.abstractmethod
+    def counts(self, model: LmHeadModel, example) -> NamedArray:
+        """Per pair and side, the trained tokens (``PairLogps.count``) from the rows alone, without running the model
+        (whose ``Pos`` names the position axis): what a step totals before it is split into microbatches."""
+
 
 def _stack_sides(example: DpoExample) -> LmExample:
     return jax.tree.map(
@@ -140,6 +148,20 @@ def _positions_within_segments(segment_ids: NamedArray, Pos: Axis) -> NamedArray
     return index - hax.named(segment_start, segment_ids.axes)
 
 
+def _segment_ids(stacked: LmExample) -> NamedArray:
+    mask = stacked.attn_mask
+    if not isinstance(mask, AttentionMask) or mask.segment_ids is None:
+        raise ValueError("packed pair rows need an AttentionMask with segment ids, one segment a pair")
+    return mask.segment_ids[0]
+
+
+def _pairs_within_rows(segment_ids: NamedArray, Pos: Axis) -> NamedArray:
+    """Levanter's dataset numbers a padded row's segment by its cache row; renumber 0, 1, ... within each row."""
+    valid = segment_ids >= 0
+    first = hax.min(hax.where(valid, segment_ids, jnp.iinfo(jnp.int32).max), axis=Pos)
+    return hax.where(valid, segment_ids - first, -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentPackedPairs(PairLayout):
     """``padded`` (Levanter's ``PreferencePairDataset``, one pair a row) and ``packed``: ``DpoExample`` rows."""
@@ -156,14 +178,8 @@ class SegmentPackedPairs(PairLayout):
     def logps(self, model: LmHeadModel, example: DpoExample, *, key=None) -> PairLogps:
         stacked = _stack_sides(example)
         Pos = stacked.tokens.resolve_axis(model.Pos.name)
-        mask = stacked.attn_mask
-        if not isinstance(mask, AttentionMask) or mask.segment_ids is None:
-            raise ValueError("packed pair rows need an AttentionMask with segment ids, one segment a pair")
-        segment_ids = mask.segment_ids[0]
-        # Levanter's dataset numbers a padded row's segment by its cache row; renumber 0, 1, ... within each row
-        valid = segment_ids >= 0
-        first = hax.min(hax.where(valid, segment_ids, jnp.iinfo(jnp.int32).max), axis=Pos)
-        local = hax.where(valid, segment_ids - first, -1)
+        segment_ids = _segment_ids(stacked)
+        local = _pairs_within_rows(segment_ids, Pos)
         pos_ids = _positions_within_segments(segment_ids, Pos)
         (Batch,) = [a for a in example.chosen.tokens.axes if a.name != Pos.name]
         folded, folded_pos_ids = _fold_sides((stacked, pos_ids), Batch)
@@ -184,6 +200,12 @@ class SegmentPackedPairs(PairLayout):
             _per_pair_sum(_mean_logit(model, activations) * weight, local, self.Pairs, Pos),
             aux_loss,
         )
+
+    def counts(self, model: LmHeadModel, example: DpoExample) -> NamedArray:
+        stacked = _stack_sides(example)
+        Pos = stacked.tokens.resolve_axis(model.Pos.name)
+        local = _pairs_within_rows(_segment_ids(stacked), Pos)
+        return _per_pair_sum(stacked.loss_weight, local, self.Pairs, Pos)
 
 
 def prefix_shared_attention(rows: PrefixSharedPairs, Pos: Axis) -> AttentionMask:
@@ -225,6 +247,11 @@ class SharedPromptPairs(PairLayout):
         logits = [_per_pair_sum(mean_logit * w, rows.pair_ids, self.Pairs, Pos) for w in weights]
         return PairLogps(hax.stack(Side, sums), hax.stack(Side, counts), hax.stack(Side, logits), aux_loss)
 
+    def counts(self, model: LmHeadModel, rows: PrefixSharedPairs) -> NamedArray:
+        Pos = rows.tokens.resolve_axis(model.Pos.name)
+        weights = (rows.chosen_weight, rows.rejected_weight)
+        return hax.stack(Side, [_per_pair_sum(w, rows.pair_ids, self.Pairs, Pos) for w in weights])
+
 
 def check_pair_layout(name: str, max_pairs_per_row: int) -> None:
     if name not in PAIR_LAYOUTS:
@@ -233,34 +260,99 @@ def check_pair_layout(name: str, max_pairs_per_row: int) -> None:
         raise ValueError(f"max_pairs_per_row must be at least 1, got {max_pairs_per_row}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PairLengths:
+    """Token counts of the pairs a run trains and evaluates on, from the cache: prompt, and each side with the
+    prompt (what one row pair of ``padded`` or ``packed`` holds)."""
+
+    prompt: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+    @staticmethod
+    def of(splits: Sequence[CachedPairs]) -> "PairLengths":
+        def column(name: str) -> np.ndarray:
+            return np.concatenate([p.column(name)[p.kept] for p in splits]) if splits else np.zeros(0, np.int64)
+
+        return PairLengths(column("prompt_length"), column("chosen_length"), column("rejected_length"))
+
+    @property
+    def shared(self) -> np.ndarray:
+        """Positions of each pair as one shared-prompt row: prompt, chosen, rejected."""
+        return self.chosen + self.rejected - self.prompt
+
+
+def computed_positions(lengths: PairLengths, seq_len: int, max_pairs_per_row: int) -> dict[str, int | None]:
+    """Positions each layout runs through the model for these pairs, rows times sequences a row times ``seq_len``
+    (first-fit decreasing over all of them at once: about what the splits' rows come to); None for
+    ``shared_prompt`` when some pair does not fit its row."""
+    n = len(lengths.prompt)
+    sides = np.stack([lengths.chosen, lengths.rejected], axis=1)
+    packed = len(first_fit_decreasing(sides, seq_len, max_pairs_per_row)) if n else 0
+    fits = bool(np.all(lengths.shared <= seq_len))
+    shared = len(first_fit_decreasing(lengths.shared, seq_len, max_pairs_per_row)) if n and fits else 0
+    return {
+        "padded": 2 * n * seq_len,
+        "packed": 2 * packed * seq_len,
+        "shared_prompt": shared * seq_len if fits else None,
+    }
+
+
 def resolve_pair_layout(
-    name: PairLayoutName, seq_len: int, max_lengths: list[int | None], backend: str
+    name: PairLayoutName, seq_len: int, lengths: PairLengths, backend: str, max_pairs_per_row: int = 8
 ) -> tuple[PairLayoutName, str]:
     """The layout a config's ``pair_layout`` stands for on ``backend``, and why (for the start-up log).
 
-    ``auto`` never pads one pair a row: packed rows give every model the same loss and gradients. It takes
-    ``shared_prompt`` (the prompt runs once) where the attention runs on an explicit mask anyway (the CPU) and a
-    row holds any pair's prompt and both completions (twice every component's ``max_length``); ``packed``
-    otherwise: the fused attention kernels of GPUs and TPUs take packed pairs' segment ids but not an explicit mask.
+    ``auto`` decides from the pairs themselves, never drops one, and never pads one pair a row: packed rows give
+    every model the same loss and gradients. It takes ``shared_prompt`` (the prompt runs once) where the attention
+    runs on an explicit mask anyway (the CPU) and every pair, prompt and both completions, fits a row of
+    ``seq_len``; ``packed`` otherwise, which trains every pair that fits the run at all: the fused attention
+    kernels of GPUs and TPUs take packed pairs' segment ids but not an explicit mask. The reason says what
+    fraction of the pairs fits a shared-prompt row and the positions each layout would compute.
     """
     if name != "auto":
         return name, "as configured"
+    n = len(lengths.prompt)
+    fitting = int(np.sum(lengths.shared <= seq_len))
+    positions = computed_positions(lengths, seq_len, max_pairs_per_row)
+    computed = ", ".join(
+        f"{layout} {count:,}" if count is not None else f"{layout} - (drops {n - fitting} pairs)"
+        for layout, count in positions.items()
+    )
+    facts = (
+        f"{fitting} of {n} pairs ({fitting / max(n, 1):.1%}) fit a shared_prompt row of {seq_len} positions; "
+        f"positions computed: {computed}"
+    )
     if backend != "cpu":
         return "packed", (
             f"auto on {backend}: its fused attention kernel takes packed pairs' segment ids, not shared_prompt's "
-            "explicit mask"
+            f"explicit mask; {facts}"
         )
-    if max_lengths and all(m is not None and 2 * m <= seq_len for m in max_lengths):
-        return "shared_prompt", (
-            f"auto on cpu: the prompt runs once, and {seq_len} positions hold any pair's prompt and both "
-            f"completions (twice the data's max_length {max(m for m in max_lengths if m is not None)})"
+    if fitting == n:
+        return "shared_prompt", f"auto on cpu: the prompt runs once and every pair fits a row; {facts}"
+    return "packed", f"auto on cpu: packed trains every pair, shared_prompt would drop some; {facts}"
+
+
+@dataclasses.dataclass
+class LayoutChoice:
+    """Decides a config's ``pair_layout`` once every split's pairs are open (``build_preference_splits``'s
+    ``choose_rows``), and lays their rows out with it; ``layout`` and ``reason`` say what it chose."""
+
+    name: PairLayoutName
+    max_pairs_per_row: int
+    Pos: Axis
+    backend: str
+    layout: "PairLayout | None" = None
+    reason: str = ""
+
+    def __call__(self, splits: Sequence[CachedPairs]):
+        lengths = PairLengths.of(splits) if self.name == "auto" else PairLengths.of([])
+        resolved, self.reason = resolve_pair_layout(
+            self.name, self.Pos.size, lengths, self.backend, self.max_pairs_per_row
         )
-    bounded = [m for m in max_lengths if m is not None]
-    longest = max(bounded) if max_lengths and len(bounded) == len(max_lengths) else "unbounded"
-    return "packed", (
-        f"auto on cpu: shared_prompt needs rows of twice the data's max_length ({longest}) to hold any pair; "
-        f"these have {seq_len} positions"
-    )
+        layout = self.layout = pair_layout(resolved, self.max_pairs_per_row)
+        logger.info(f"pair_layout {resolved} ({self.reason})")
+        return lambda pairs, kept: layout.rows(pairs, kept, self.Pos)
 
 
 def pair_layout(name: str, max_pairs_per_row: int) -> PairLayout:
@@ -288,14 +380,25 @@ def rows_per_step(pairs_per_step: int, pairs_per_row: float, multiple_of: int) -
     return max(multiple_of, round(rows / multiple_of) * multiple_of)
 
 
-def trainer_in_rows(trainer: TrainerConfig, pairs_per_row: float, *, eval_parallelism_set: bool) -> TrainerConfig:
+def trainer_in_rows(
+    trainer: TrainerConfig, pairs_per_row: float, *, eval_parallelism_set: bool, microbatch_per_device: int = -1
+) -> TrainerConfig:
     """The trainer config with its batch sizes in rows of a layout holding ``pairs_per_row`` pairs on average.
 
-    Packed layouts refuse microbatches (``validate_config``): a step's rows all run at once. Evaluation takes as
-    many rows a device as training, unless the config set ``per_device_eval_parallelism``: Levanter derived it
-    from the batch of pairs, which would be several times more rows."""
+    ``microbatch_per_device`` is the ``trainer.per_device_parallelism`` the config set (-1: none): in rows of the
+    layout a device runs at once, a step's rows then being a multiple of that many rows times the data-parallel
+    width (a row of any layout costs at most what a padded pair costs, so a setting that fits ``padded`` fits every
+    layout). Gradient accumulation stays the exact mean over the step's pairs (``SimpoTrainer``). Evaluation takes
+    as many rows a device as a training microbatch (all of a step's, without microbatches), unless the config set
+    ``per_device_eval_parallelism``: Levanter derived it from the batch of pairs, which would be several times more
+    rows."""
     width = 1 if trainer.allow_nondivisible_batch_size else trainer.data_axis_size
     batch = trainer.train_batch_size
+    pairs = max(distinct_values(batch))
+    largest_rows = rows_per_step(pairs, pairs_per_row, width)
+    microbatching = microbatch_per_device > 0 and microbatch_per_device * trainer.data_axis_size < largest_rows
+    if microbatching:
+        width = microbatch_per_device * trainer.data_axis_size
     rows: int | IntSchedule
     if isinstance(batch, int):
         largest = rows = rows_per_step(batch, pairs_per_row, width)
@@ -303,29 +406,43 @@ def trainer_in_rows(trainer: TrainerConfig, pairs_per_row: float, *, eval_parall
         segments = [dataclasses.replace(p, value=rows_per_step(p.value, pairs_per_row, width)) for p in batch]
         largest = max(p.value for p in segments)
         rows = segments
-    eval_per_device = -(-largest // trainer.data_axis_size)
+    eval_per_device = microbatch_per_device if microbatching else -(-largest // trainer.data_axis_size)
     if eval_parallelism_set:
         eval_per_device = trainer.per_device_eval_parallelism
     # per_device_parallelism -1: no microbatches, whatever Levanter derived from the batch of pairs
     return dataclasses.replace(
-        trainer, train_batch_size=rows, per_device_parallelism=-1, per_device_eval_parallelism=eval_per_device
+        trainer,
+        train_batch_size=rows,
+        per_device_parallelism=microbatch_per_device if microbatching else -1,
+        per_device_eval_parallelism=eval_per_device,
     )
 
 
 def log_rows_per_step(pairs: TrainerConfig, rows: TrainerConfig, pairs_per_row: float) -> None:
-    """Logs the rows a step takes for the batch of pairs asked; warns when rounding to the data-parallel width
-    moves the pairs a step more than 10% off (each device needs whole rows)."""
+    """Logs the rows a step takes for the batch of pairs asked, and its microbatches; warns when rounding to the
+    data-parallel width (or the microbatch) moves the pairs a step more than 10% off (each device needs whole
+    rows)."""
+    microbatch = rows.microbatch_size
     for asked, got in zip(pairs.batch_schedule.segments, rows.batch_schedule.segments, strict=True):
         held = got.value * pairs_per_row
+        split = ""
+        if microbatch is not None and microbatch < got.value:
+            split = (
+                f", in {got.value // microbatch} microbatches of {microbatch} rows ({rows.per_device_parallelism} a "
+                f"device, about {microbatch * pairs_per_row:.1f} pairs)"
+            )
         logger.info(
             f"trainer.train_batch_size {asked.value} pairs (from step {asked.start}): {got.value} rows of "
-            f"{pairs_per_row:.2f} pairs on average, {held:.0f} pairs a step"
+            f"{pairs_per_row:.2f} pairs on average, {held:.0f} pairs a step{split}"
         )
         if abs(held - asked.value) > 0.1 * asked.value:
+            multiple = microbatch if microbatch is not None and microbatch < got.value else None
             logger.warning(
                 f"{got.value} rows a step hold about {held:.0f} pairs, not the {asked.value} asked: a step takes "
                 f"whole rows, a multiple of the data-parallel width ({rows.data_axis_size}) unless "
-                "trainer.allow_nondivisible_batch_size. Change train_batch_size (or max_pairs_per_row) to come closer"
+                "trainer.allow_nondivisible_batch_size"
+                + (f", and of the microbatch ({multiple} rows)" if multiple else "")
+                + ". Change train_batch_size (or max_pairs_per_row, or per_device_parallelism) to come closer"
             )
 
 

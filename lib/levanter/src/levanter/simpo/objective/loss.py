@@ -5,6 +5,7 @@ variants and metrics) and ``simpo_loss``, the training loss on a batch of rows o
 
 from typing import Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -38,11 +39,13 @@ def simpo_loss_from_logps(
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
     pair_weight: hax.NamedArray | jnp.ndarray | None = None,
+    pair_count: jnp.ndarray | float | None = None,
 ) -> tuple[jnp.ndarray, dict[str, Metric]]:
     """Mean SimPO loss over pairs from their length-normalised log-probs, with the reference trainer's metrics.
 
     ``pair_weight`` (1 or 0 per pair) leaves pairs out of the loss and metrics: the loss of a batch whose pairs
-    all have weight 0 is 0.
+    all have weight 0 is 0. ``pair_count`` is what the summed loss is divided by, by default the pairs of weight 1
+    (at least 1); a microbatch divides by its share of the whole step's (``StepShare``).
     """
     chosen = _as_array(avg_logp_chosen).astype(jnp.float32)
     rejected = _as_array(avg_logp_rejected).astype(jnp.float32)
@@ -57,7 +60,9 @@ def simpo_loss_from_logps(
         losses = jax.nn.relu(1 - beta * logits)
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}")
-    loss = jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    if pair_count is None:
+        pair_count = jnp.maximum(jnp.sum(weight), 1.0)
+    loss = jnp.sum(losses * weight) / pair_count
 
     def mean(values):
         return _pair_mean(values, weight)
@@ -84,6 +89,28 @@ def _average_logp(logp_sum: hax.NamedArray, count: hax.NamedArray) -> hax.NamedA
     return hax.where(count > 0, logp_sum / hax.maximum(count, 1), hax.zeros_like(logp_sum))
 
 
+class StepShare(eqx.Module):
+    """What each microbatch of a step divides its summed losses by: the step's trained pairs (at least 1) and its
+    chosen tokens (at least 1, for the SFT term), each over the number of microbatches. Levanter's gradient
+    accumulation averages the microbatches' losses and gradients equally (``levanter.grad_accum.microbatched``);
+    with these denominators that average is the exact mean over the step's pairs and chosen tokens, however many
+    pairs each microbatch holds. Without microbatches it is the batch's own counts, and the loss is unchanged."""
+
+    pairs: jnp.ndarray
+    chosen_tokens: jnp.ndarray
+
+    @staticmethod
+    def of(layout: PairLayout, model: LmHeadModel, example: DpoExample | PrefixSharedPairs, microbatches: int):
+        """The share of each of ``microbatches`` microbatches of the step whose rows are ``example``."""
+        counts = layout.counts(model, example)
+        pairs = jnp.sum(hax.all(counts > 0, axis=Side).array).astype(jnp.float32)
+        chosen_tokens = hax.sum(counts[Side, 0]).array.astype(jnp.float32)
+        return StepShare(
+            pairs=jnp.maximum(pairs, 1.0) / microbatches,
+            chosen_tokens=jnp.maximum(chosen_tokens, 1.0) / microbatches,
+        )
+
+
 def simpo_loss(
     model: LmHeadModel,
     example: DpoExample | PrefixSharedPairs,
@@ -95,11 +122,14 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
     length_diagnostics: bool = False,
+    step: StepShare | None = None,
     key=None,
 ) -> tuple[jnp.ndarray, dict[str, Metric]]:
     """The training objective on a batch of rows laid out by ``layout``: one forward pass over chosen and
     rejected together, the mean over pairs whatever the layout, plus the model's auxiliary loss once.
-    ``length_diagnostics`` adds the held-out length-bias metrics (``simpo_length_diagnostics``)."""
+    ``length_diagnostics`` adds the held-out length-bias metrics (``simpo_length_diagnostics``). ``step``: the
+    batch is one of a step's microbatches, and divides by its share of the step's pairs and chosen tokens
+    (``StepShare``); the metrics need no share, they fold over microbatches as (sum, count)."""
     logps = layout.logps(model, example, key=key)
     avg = _average_logp(logps.sum, logps.count)
     # a side with no trained token has no average; empty slots (the loader's padding pairs at the end of an eval
@@ -114,6 +144,7 @@ def simpo_loss(
         loss_type=loss_type,
         label_smoothing=label_smoothing,
         pair_weight=trainable,
+        pair_count=None if step is None else step.pairs,
     )
     metrics["simpo_skipped_pairs"] = Metric.from_value(jnp.sum(half_empty).astype(jnp.float32), ReductionType.SUM)
     for side, name in ((0, "chosen"), (1, "rejected")):
@@ -127,9 +158,10 @@ def simpo_loss(
     if sft_weight > 0:
         # the reference trainer's SFT term: cross-entropy averaged over all chosen tokens, not per pair
         chosen_tokens = hax.sum(logps.count[Side, 0]).array
-        sft = -hax.sum(logps.sum[Side, 0]).array / jnp.maximum(chosen_tokens, 1.0)
-        loss = loss + sft_weight * sft
-        metrics["simpo_sft_loss"] = Metric(_value=sft * chosen_tokens, _count=chosen_tokens)
+        chosen_nll = -hax.sum(logps.sum[Side, 0]).array
+        token_count = jnp.maximum(chosen_tokens, 1.0) if step is None else step.chosen_tokens
+        loss = loss + sft_weight * chosen_nll / token_count
+        metrics["simpo_sft_loss"] = Metric(_value=chosen_nll, _count=chosen_tokens)
     aux_loss = logps.aux_loss
     if isinstance(aux_loss, hax.NamedArray):
         aux_loss = aux_loss.array  # one number for the whole batch
