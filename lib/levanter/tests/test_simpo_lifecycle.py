@@ -62,6 +62,9 @@ def _cli(tmp: Path, shared: SharedSetup, run_id: str, *extra: str) -> list[str]:
         "false",
         "--trainer.log_xla_hlo",
         "false",
+        # the YAML's json_file tracker writes under the checkout; a test that wants one names a temporary path
+        "--trainer.tracker",
+        '{"type": "json_logger"}',
         *extra,
     ]
 
@@ -272,7 +275,7 @@ def test_the_lease_works_through_fsspec_and_a_dead_holders_lease_is_taken_over(t
     dead_pid = int(exited.stdout)
     fs, path = fsspec.core.url_to_fs(f"{directory}/lease.json")
     record = {"run_id": "run", "host": socket.gethostname(), "pid": dead_pid, "process_started": 0.0, "renewed": 0.0}
-    record["token"] = "dead"  # a holder's record has one; without it the lease reads as torn
+    record["token"] = "dead"  # as a holder writes it
     fs.pipe(path, json.dumps(record).encode())
     taker = RunLease(directory, "run")
     said = _acquired_saying(taker)

@@ -30,10 +30,10 @@ EVAL_RTOL = 1e-4
 """Held-out metrics of the pod run against one device's: the training losses of a 4-device mesh stay within 1e-4
 (test_simpo_multi_device), and evaluation adds one more reordered reduction."""
 FAILURE_SPREAD_S = 30.0
+"""Both processes of a failed run exit within this of each other (a stall in a collective would be minutes)."""
 RUN_BOUND_S = 240.0
 """A launch that trains 8 tiny steps (start-up, cache, compilation, evaluation, export) ends within this on two busy
 CPU cores; a stall in a collective until JAX's shutdown barrier gives up (300 s) does not."""
-"""Both processes of a failed run exit within this of each other (a stall in a collective would be minutes)."""
 
 
 def _free_port() -> int:
@@ -136,7 +136,9 @@ def _assert_failed_together(pod: PodRun, codes: list[int], ended: list[float], m
     assert codes[0] == codes[1] != 0, (codes, [log[-3000:] for log in logs])
     assert max(ended) - min(ended) < FAILURE_SPREAD_S, ended
     for log in logs:
-        assert f"SimPO run failed: {message}" in log or message in log, log[-3000:]
+        # the last thing each process prints, message and all (a message may span lines)
+        printed = log.rfind("\nSimPO run failed: ")
+        assert printed >= 0 and message in log[printed:], log[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,7 @@ def test_a_pod_run_trains_evaluates_and_exports_like_one_device(trained_pod, sin
     records = sorted(p.parent.name for p in (tmp / "checkpoints" / "pod").glob("step-*/simpo_record.json"))
     assert records == sorted(p.name for p in (tmp / "checkpoints" / "pod").glob("step-*")), records
     # the empty cache_dir was built once, by process 0; process 1 waited for it
+    assert "Built the train cache" in run.log(0) and "Built the train cache" not in run.log(1)
     assert "SimPO held-out metrics at step 7" in run.log(0) and "SimPO held-out metrics at step 7" in run.log(1)
     assert not (tmp / "checkpoints" / "pod" / LEASE_FILE).exists()
 
@@ -287,7 +290,11 @@ def test_a_frozen_process_is_noticed_and_the_others_stop(pod):
     # a host that stops answering without closing its sockets (SIGSTOP here): its peers wait in their next
     # collective, and only the run's watcher, which misses its beats, ends them
     tmp, shared = pod
-    run = PodRun(tmp, shared, "frozen", *run_overrides("frozen"))
+    os.environ["SIMPO_PEER_SILENCE_SECONDS"] = "10"  # read by the launched processes; the default is 30 s
+    try:
+        run = PodRun(tmp, shared, "frozen", *run_overrides("frozen"))
+    finally:
+        del os.environ["SIMPO_PEER_SILENCE_SECONDS"]
     run.wait_for_step("frozen", 3)
     run.processes[1].send_signal(signal.SIGSTOP)
     frozen_at = time.monotonic() - run.started

@@ -221,11 +221,6 @@ def main(config: TrainSimpoConfig):
     # before Levanter derives it from the batch of pairs: packed layouts count evaluation rows, not pairs
     eval_parallelism_set = config.trainer.per_device_eval_parallelism != -1
     microbatch_per_device = config.trainer.per_device_parallelism  # -1 unless set: rows a device, for packed rows
-    levanter.trainer.initialize(config)
-    # every step's metrics to the run directory and a loss/accuracy progress line, whatever the trackers
-    run_dir = picture.record_run(config.trainer)
-    optimizer = config.optimizer.build(config.trainer.num_train_steps)
-
     train_length = config.train_seq_len if config.train_seq_len is not None else config.model.max_seq_len
     if not 0 < train_length <= config.model.max_seq_len:
         raise ValueError(
@@ -256,12 +251,13 @@ def main(config: TrainSimpoConfig):
             key=key,
         )
 
-    # a failure on any process of a multi-host run ends every process at once (levanter.simpo.run.hosts)
     def checkpoint_roots() -> list[str]:
         checkpointer = config.trainer.checkpointer
         roots = [checkpointer.expanded_path(run.run_id)]
         return roots + [p for p in [checkpointer.expanded_temporary_path(run.run_id)] if p is not None]
 
+    levanter.trainer.initialize(config)
+    # from here a failure on any process of a multi-host run ends every process at once (levanter.simpo.run.hosts);
     # a full disk surfaces from Levanter as a tensorstore traceback of an earlier asynchronous save: named here
     with (
         failing_together(),
@@ -269,6 +265,9 @@ def main(config: TrainSimpoConfig):
         disk_refusals_named(checkpoint_roots),
         contextlib.ExitStack() as stack,
     ):
+        # every step's metrics to the run directory and a loss/accuracy progress line, whatever the trackers
+        run_dir = picture.record_run(config.trainer)
+        optimizer = config.optimizer.build(config.trainer.num_train_steps)
         data_key, model_key, training_key = jrandom.split(jrandom.PRNGKey(config.trainer.seed), 3)
         if config.data_seed is not None:
             logger.info(f"Overriding data seed with {config.data_seed}")
@@ -446,8 +445,9 @@ def main(config: TrainSimpoConfig):
         with guard.reporting():
             trainer.train(state, train_loader)
 
-        if trainer.config.checkpointer is not None:
-            trainer.config.checkpointer.create(trainer.run_id).wait_until_finished()
+        # the trainer's own checkpointer: the last save is committed (or its error raised) inside this block
+        if trainer._checkpointer is not None:
+            trainer._checkpointer.wait_until_finished()
         # before the trackers finish, which receive it as an artifact
         picture.write_run_picture(run_dir)
 

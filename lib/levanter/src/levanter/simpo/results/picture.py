@@ -78,6 +78,12 @@ class MetricHistory(_StepMetricsTracker):
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        # a process killed mid-line left a torn last line: end it, so this run's first record gets a line of its own
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, "rb+") as f:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def log(self, metrics: Mapping[str, Any], *, step: Optional[int], commit: Optional[bool] = None):
         scalars = _scalars(metrics)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from rigging.filesystem.atomic import atomic_rename
 from rigging.filesystem.storage_path import StoragePath, prefix_join
 
-from levanter.simpo.run.hosts import agreed
+from levanter.simpo.run.hosts import DECISION_TIMEOUT_SECONDS, agreed
 from levanter.trainer_state import TrainerState
 from levanter.utils.jax_utils import multihost_allgather_sync
 
@@ -364,7 +364,12 @@ def resume_verified(
             state = initial_state(True)
         except Exception as e:  # a damaged file fails inside tensorstore with many error types
             failure = f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        failures = multihost_allgather_sync(failure) if jax.process_count() > 1 else [failure]
+        # the others may still be loading a large state: wait as long as for any decision
+        failures = (
+            multihost_allgather_sync(failure, timeout=DECISION_TIMEOUT_SECONDS)
+            if jax.process_count() > 1
+            else [failure]
+        )
         failure = next((f for f in failures if f is not None), None)
         if failure is not None or state is None:
             skip(path, failure or "unreadable")

@@ -40,9 +40,10 @@ ALIVE_KEY = "simpo/alive"
 """Each process's beat, the time of its latest poll, or ``DONE`` once it ended cleanly."""
 DONE = "done"
 POLL_SECONDS = 2.0
-PEER_SILENCE_SECONDS = 10.0
-"""A peer whose beat has not changed for this long is gone. The watcher thread beats whatever the main thread does
-(compiling, saving, waiting in a collective), so only a dead or frozen process stays silent this long."""
+PEER_SILENCE_SECONDS = float(os.environ.get("SIMPO_PEER_SILENCE_SECONDS", "30"))
+"""A peer whose beat has not changed for this long is gone (``SIMPO_PEER_SILENCE_SECONDS``). The watcher thread
+beats whatever the main thread does (compiling, saving, waiting in a collective), so only a dead or frozen process,
+or one starved of its interpreter for that long, stays silent; a peer that never beat is gone after twice that."""
 DECISION_TIMEOUT_SECONDS = 24 * 3600.0
 """How long followers wait for process 0's decision. Long: process 0 may first build a large data cache; a failure
 of process 0 reaches them through the failure watcher much sooner."""
@@ -108,8 +109,15 @@ class _FailureWatcher:
         self._thread = threading.Thread(target=self._watch, name="simpo-failure-watcher", daemon=True)
         # per peer: its last beat and when (this host's monotonic clock) it changed, so clocks need not agree
         self._beats: dict[int, tuple[str | None, float]] = {}
+        self._cleanups: list[Callable[[], None]] = []
+
+    def at_failure(self, cleanup: Callable[[], None]) -> None:
+        """Runs ``cleanup`` (best effort) before this process exits for a failure: ``os._exit`` skips every
+        ``finally`` and ``__exit__`` still pending, e.g. the lease's release."""
+        self._cleanups.append(cleanup)
 
     def start(self) -> None:
+        self._started = time.monotonic()
         self._thread.start()
 
     def stop(self) -> None:
@@ -133,7 +141,10 @@ class _FailureWatcher:
             threading.Event().wait()  # the other thread is exiting the process
         self._stopping.set()
         logger.error(message)
-        if self._index == 0:
+        for cleanup in reversed(self._cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+        if self._index == 0 and self._count - 1 - gone > 0:
             deadline = time.monotonic() + ACK_WAIT_SECONDS
             while time.monotonic() < deadline:
                 with contextlib.suppress(Exception):
@@ -141,7 +152,7 @@ class _FailureWatcher:
                         break
                 time.sleep(0.1)
             time.sleep(EXIT_GRACE_SECONDS)  # the last follower is between its acknowledgement and its exit
-        else:
+        elif self._index != 0 and gone < self._count:  # with the coordinator gone, the call could hang
             with contextlib.suppress(Exception):
                 self._client.key_value_increment(SEEN_KEY, 1)
         print(message, file=sys.stderr, flush=True)
@@ -176,18 +187,30 @@ class _FailureWatcher:
         for peer in range(self._count):
             if peer == self._index:
                 continue
+            last, since = self._beats.get(peer, (None, self._started))
             try:
                 beat: str | None = self._client.key_value_try_get(f"{ALIVE_KEY}/{peer}")
-            except Exception:
-                beat = None  # not beating yet
+            except Exception as e:
+                # not beating yet; any other error (the store unreachable) leaves the silence running
+                beat = None if "NOT_FOUND" in str(e) else last
             if beat == DONE:
                 continue
-            last, since = self._beats.get(peer, (None, now))
             if beat != last:
                 self._beats[peer] = (beat, now)
-            elif beat is not None and now - since > PEER_SILENCE_SECONDS:
+                continue
+            limit = PEER_SILENCE_SECONDS if beat is not None else 2 * PEER_SILENCE_SECONDS
+            if now - since > limit:
                 silence = f"no beat for {now - since:.0f} s: killed, or its host is gone"
                 self.fail(f"SimPO run failed: process {peer} stopped without a word ({silence})", gone=1)
+
+
+_watcher: _FailureWatcher | None = None
+
+
+def at_failure(cleanup: Callable[[], None]) -> None:
+    """Within ``failing_together`` with several processes, runs ``cleanup`` before a failure ends this process."""
+    if _watcher is not None:
+        _watcher.at_failure(cleanup)
 
 
 @contextlib.contextmanager
@@ -198,7 +221,8 @@ def failing_together() -> Iterator[None]:
     if jax.process_count() == 1:
         yield
         return
-    watcher = _FailureWatcher()
+    global _watcher
+    watcher = _watcher = _FailureWatcher()
     watcher.start()
     try:
         yield
@@ -208,4 +232,6 @@ def failing_together() -> Iterator[None]:
             raise
         logger.exception(f"SimPO run failed on process {jax.process_index()}")
         watcher.announce(f"{type(error).__name__}: {error}")
+    finally:
+        _watcher = None
     watcher.stop()

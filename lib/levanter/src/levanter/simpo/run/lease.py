@@ -80,7 +80,10 @@ class RunLease:
             "process_started": psutil.Process().create_time(),
             "token": uuid.uuid4().hex,
         }
-        self._record["job"], self._record["attempt"] = job_attempt()
+        job, attempt = job_attempt()
+        # without an attempt number, each process is an attempt of its own: a restart is never the holder itself
+        self._record["job"] = job
+        self._record["attempt"] = attempt if attempt is not None else f"{socket.gethostname()}:{os.getpid()}"
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -112,13 +115,17 @@ class RunLease:
                 continue  # released between our create and read
             stale = self._staleness(holder)
             if stale is None:
+                if not holder:
+                    continue  # being written or just removed: look again
                 return holder
             logger.warning(
                 f"{self.label}: taking over the stale lease {self.path} of host {holder.get('host')} pid "
                 f"{holder.get('pid')} ({stale})"
             )
-            with contextlib.suppress(FileNotFoundError):
-                self._fs.rm(self._plain)
+            # another contender may have taken it over meanwhile: remove only the record judged stale
+            if self._read() == holder:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm(self._plain)
         raise RunLeaseHeldError(f"{self.label}: could not take the lease {self.path}; another process keeps at it")
 
     def _renew(self) -> None:

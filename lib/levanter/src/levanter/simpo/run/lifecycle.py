@@ -29,7 +29,7 @@ import fsspec
 import jax
 
 from levanter.callbacks import StepInfo
-from levanter.simpo.run.hosts import agreed
+from levanter.simpo.run.hosts import agreed, at_failure
 from levanter.simpo.run.lease import RunLease
 from levanter.simpo.run.preemption import Preemption, RunPreempted
 
@@ -144,6 +144,8 @@ class RunLifecycle:
         try:
             # process 0 takes it; every process learns the outcome, so a refusal stops them all at once
             agreed("the lease on the run's checkpoint directory", self._lease.acquire)
+            if self._is_primary:
+                at_failure(self._lease.release)  # a failure's exit skips __exit__
         except BaseException:
             self.preemption.uninstall()
             raise
