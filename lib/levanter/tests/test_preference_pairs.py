@@ -409,10 +409,8 @@ def _lock_written(locks) -> bool:
     return False
 
 
-def test_two_runs_building_one_new_cache_together_wait_for_each_other(tmp_path):
-    """Issue 21, item 5: two runs sharing one new cache_dir, started together, both died: the second removed the
-    first's build in progress as "never finished". The first is stopped (SIGSTOP) while it holds the build lock,
-    the second starts and waits; the first goes on, builds, and both read the one cache."""
+def _builder_command(tmp_path) -> list[str]:
+    """A process that builds the train cache of 200 pairs under ``tmp_path/cache``, as a run's start does."""
     config = _config(
         tmp_path,
         [preference_row(f"count to {i} .", "one two .", "no .") for i in range(200)],
@@ -420,7 +418,14 @@ def test_two_runs_building_one_new_cache_together_wait_for_each_other(tmp_path):
     )
     script = tmp_path / "builder.py"
     script.write_text(_BUILDER)
-    args = [sys.executable, str(script), config.tokenizer, str(tmp_path / "cache"), str(tmp_path / "train.jsonl")]
+    return [sys.executable, str(script), config.tokenizer, str(tmp_path / "cache"), str(tmp_path / "train.jsonl")]
+
+
+def test_two_runs_building_one_new_cache_together_wait_for_each_other(tmp_path):
+    """Issue 21, item 5: two runs sharing one new cache_dir, started together, both died: the second removed the
+    first's build in progress as "never finished". The first is stopped (SIGSTOP) while it holds the build lock,
+    the second starts and waits; the first goes on, builds, and both read the one cache."""
+    args = _builder_command(tmp_path)
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     locks = tmp_path / "cache" / "prefs"
     with open(logs[0], "w") as log:
@@ -462,14 +467,7 @@ def test_two_runs_building_one_new_cache_together_wait_for_each_other(tmp_path):
 def test_a_build_lock_left_by_a_killed_builder_is_taken_over(tmp_path):
     """A builder killed (SIGKILL) while holding the lock leaves it behind: the next run takes it over at once (its
     holder is a dead process on this host) and builds, removing the unfinished cache."""
-    config = _config(
-        tmp_path,
-        [preference_row(f"count to {i} .", "one two .", "no .") for i in range(200)],
-        PromptCompletionPreferenceFormat(),
-    )
-    script = tmp_path / "builder.py"
-    script.write_text(_BUILDER)
-    args = [sys.executable, str(script), config.tokenizer, str(tmp_path / "cache"), str(tmp_path / "train.jsonl")]
+    args = _builder_command(tmp_path)
     locks = tmp_path / "cache" / "prefs"
     killed = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.monotonic() + 300

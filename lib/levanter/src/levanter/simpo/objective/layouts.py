@@ -175,11 +175,16 @@ class SegmentPackedPairs(PairLayout):
             return padded_pair_rows(pairs, kept, Pos)
         return packed_pair_rows(pairs, kept, Pos, self.max_pairs_per_row)
 
-    def logps(self, model: LmHeadModel, example: DpoExample, *, key=None) -> PairLogps:
+    @staticmethod
+    def _sides_and_pairs(model: LmHeadModel, example: DpoExample):
+        """Both sides stacked, their position axis, segment ids, and each position's pair within its row."""
         stacked = _stack_sides(example)
         Pos = stacked.tokens.resolve_axis(model.Pos.name)
         segment_ids = _segment_ids(stacked)
-        local = _pairs_within_rows(segment_ids, Pos)
+        return stacked, Pos, segment_ids, _pairs_within_rows(segment_ids, Pos)
+
+    def logps(self, model: LmHeadModel, example: DpoExample, *, key=None) -> PairLogps:
+        stacked, Pos, segment_ids, local = self._sides_and_pairs(model, example)
         pos_ids = _positions_within_segments(segment_ids, Pos)
         (Batch,) = [a for a in example.chosen.tokens.axes if a.name != Pos.name]
         folded, folded_pos_ids = _fold_sides((stacked, pos_ids), Batch)
@@ -202,9 +207,7 @@ class SegmentPackedPairs(PairLayout):
         )
 
     def counts(self, model: LmHeadModel, example: DpoExample) -> NamedArray:
-        stacked = _stack_sides(example)
-        Pos = stacked.tokens.resolve_axis(model.Pos.name)
-        local = _pairs_within_rows(_segment_ids(stacked), Pos)
+        stacked, Pos, _, local = self._sides_and_pairs(model, example)
         return _per_pair_sum(stacked.loss_weight, local, self.Pairs, Pos)
 
 
