@@ -365,6 +365,7 @@ def default_simpo(
             initialize_from_checkpoint_path=simpo_config.initialize_from_checkpoint_path,
             validation_split_fraction=simpo_config.validation_split_fraction,
             run_initial_eval=simpo_config.run_initial_eval,
+            samples=simpo_config.samples,
             hf_save_steps=simpo_config.steps_per_hf_export,
             hf_save_dtype=simpo_config.hf_save_dtype,
             hf_generation_eos_token_ids=simpo_config.hf_generation_eos_token_ids,

@@ -7,7 +7,7 @@ Defaults are the SimPO paper's Llama-3-Base settings (beta 2.0, gamma/beta 0.5, 
 decay after 10% warmup); the loss variants (hinge, label smoothing, SFT term) are off.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fray.types import ResourceConfig
@@ -20,6 +20,7 @@ from levanter.main.train_simpo import LossType, TrainSimpoConfig
 from levanter.optim.config import AdamConfig, LrSchedule
 from levanter.schedule import IntSchedule
 from levanter.simpo.objective.layouts import PairLayoutName
+from levanter.simpo.results.samples import SamplesConfig
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class SimpleSimPOConfig:
     steps_per_eval: int = 1000
     run_initial_eval: bool = True
     """Evaluate the starting model before the first step (logged at step 0)."""
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    """At evaluations the model answers the first held-out prompts (docs/configuration.md, "Samples")."""
     steps_per_checkpoint: int = 1000
     """Permanent checkpoints; rolling ones for preemption are taken every 10 minutes regardless."""
     steps_per_hf_export: int | None = 500
@@ -169,6 +172,7 @@ class SimpleSimPOConfig:
             validation_split_fraction=config.validation_split_fraction,
             steps_per_eval=config.trainer.steps_per_eval,
             run_initial_eval=config.run_initial_eval,
+            samples=config.samples,
             tokenizer=config.data.tokenizer,
             model_name_or_path=config.initialize_from_hf,
             use_hf_model_config=config.use_hf_model_config,

@@ -68,7 +68,11 @@ def single_device_runs(request, shared_setup, tmp_path_factory) -> SingleDeviceR
     diverging = run_overrides("diverged", "--optimizer.learning_rate", "1e30", "--optimizer.warmup", "0")
     runs = [
         {"name": "resumed", "overrides": preempted},
-        {"name": "reference", "overrides": run_overrides("reference", "--run_initial_eval", "true")},
+        # exported, so that its samples can be checked against transformers (test_simpo_samples.py)
+        {
+            "name": "reference",
+            "overrides": run_overrides("reference", "--run_initial_eval", "true", "--hf_save_path", str(tmp / "hf")),
+        },
         {"name": "diverged", "overrides": diverging},
     ]
     resuming = ChildRuns(tmp, shared_setup, runs)

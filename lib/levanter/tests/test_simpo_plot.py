@@ -13,6 +13,7 @@ from simpo_tiny_run import REPO, TINY_CONFIG, TrackedMetrics, run, tiny_config
 
 from levanter.main import simpo_plot
 from levanter.simpo.results import picture as run_picture
+from levanter.simpo.results.samples import describe, read_samples, sampled_steps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +50,7 @@ def test_tiny_run_writes_its_picture_from_its_metrics(tmp_path, capsys):
     picture = run_dir / run_picture.PICTURE_FILE
     data = picture.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
-    assert f"SimPO run picture (10 series): {picture}" in tracked.messages
+    assert f"SimPO run picture (13 series): {picture}" in tracked.messages
 
     # the recorded history is what the run logged through its configured (json_logger) tracker
     series = run_picture.collect_series(run_dir / run_picture.HISTORY_FILE)
@@ -70,7 +71,13 @@ def test_tiny_run_writes_its_picture_from_its_metrics(tmp_path, capsys):
         "eval/logps/chosen",
         "train/logps/rejected",
         "eval/logps/rejected",
+        "samples/length_over_chosen",
+        "samples/stopped",
+        "samples/repetition",
     ]
+    # the answers at evaluations: written whole per step, their metrics logged with the evaluation's
+    assert sorted(series["samples/repetition"]) == [2, 5]
+    assert sampled_steps(run_dir) == [2, 5]
 
     # the progress line, written whatever the trackers: 6 steps log every step
     step4 = tracked.by_step[4]
@@ -86,7 +93,22 @@ def test_tiny_run_writes_its_picture_from_its_metrics(tmp_path, capsys):
     cli = [sys.executable, "-m", "levanter.main.simpo_plot"]
     done = subprocess.run([*cli, str(run_dir)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"wrote {picture} (10 series)"
+    wrote, shown = done.stdout.split("\n", 1)
+    assert wrote == f"wrote {picture} (13 series)"
+    _, newest = read_samples(run_dir)
+    assert shown.startswith("What the model wrote at step 5 (python -m levanter.main.simpo_samples for any step):")
+    assert describe(newest[0]) in shown and describe(newest[1]) in shown and describe(newest[2]) not in shown
+
+    # any step's samples, of a finished or running run
+    samples_cli = [sys.executable, "-m", "levanter.main.simpo_samples", str(run_dir)]
+    done = subprocess.run([*samples_cli, "--step", "2", "--count", "3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _, at_2 = read_samples(run_dir, 2)
+    assert done.stdout == "3 of the 8 samples of step 2 (steps with samples: 2, 5)\n" + "".join(
+        describe(r) + "\n" for r in at_2[:3]
+    )
+    done = subprocess.run([*samples_cli, "--step", "3"], capture_output=True, text=True)
+    assert done.returncode == 1 and f"{run_dir} has no samples of step 3; it has steps [2, 5]" in done.stderr
     assert picture.read_bytes().startswith(PNG_SIGNATURE)
 
     assert simpo_plot.main([str(tmp_path)]) == 1

@@ -9,12 +9,14 @@ import jax
 import jax.random as jrandom
 import numpy as np
 import pytest
+from simpo_hf_reference import check_against_the_export
 from simpo_tiny_run import final_model, run, tiny_config
 
 import haliax as hax
 from levanter.data.simpo.splits import build_preference_splits
 from levanter.main.train_simpo import simpo_loss
 from levanter.simpo.objective.layouts import pair_layout
+from levanter.simpo.results.samples import describe
 
 
 def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
@@ -57,6 +59,12 @@ def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
     export = tmp_path / "hf" / "e2e" / "step-39"
     assert (export / "config.json").is_file() and (export / "tokenizer_config.json").is_file()
     assert any(p.suffix == ".safetensors" for p in export.iterdir())
+
+    # what the trained model writes at its last evaluation is what transformers generates from its export
+    records = check_against_the_export(tmp_path / "logs" / "e2e", export, 39)
+    assert len({t for r in records for t in r["answer_ids"]}) >= 5, records  # not one token repeated
+    summary = next(m for m in first_run.messages if m.startswith("SimPO held-out metrics at step 39"))
+    assert "What the model writes (two held-out prompts):\n" + describe(records[0]) in summary
 
     resumed = run(tiny_config(tmp_path, "--trainer.num_train_steps", "42", *overrides))
     assert "Resuming SimPO training from step 40" in resumed.messages

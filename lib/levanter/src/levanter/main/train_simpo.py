@@ -50,7 +50,9 @@ from levanter.simpo.objective.layouts import (
 from levanter.simpo.objective.loss import LossType, StepShare, _average_logp, simpo_loss, simpo_loss_from_logps
 from levanter.simpo.results import picture
 from levanter.simpo.results.evaluation import HeldOutEvaluator
-from levanter.simpo.results.export import export_tokenizer, generation_eos_token_ids
+from levanter.simpo.results.export import WholeArrayExports, export_tokenizer, generation_eos_token_ids
+from levanter.simpo.results.generation import AnswerGenerator
+from levanter.simpo.results.samples import HeldOutSamples, SamplesConfig, describe, held_out_prompts
 from levanter.simpo.run.checkpoints import (
     CheckpointRecords,
     disk_refusals_named,
@@ -157,6 +159,8 @@ class TrainSimpoConfig:
     data_seed: Optional[int] = None
     run_initial_eval: bool = False
     """Evaluate the held-out pairs once before the first step (logged at step 0), as train_dpo can."""
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    """At evaluations, the model answers the first held-out prompts (``levanter.simpo.results.samples``)."""
 
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     """When the run stops because its loss diverged (docs/lifecycle.md, "Divergence"); never with
@@ -185,6 +189,7 @@ def validate_config(config: TrainSimpoConfig) -> None:
     if fraction is not None and not 0 <= fraction < 1:
         raise ValueError(f"validation_split_fraction must be in [0, 1) or null, got {fraction}")
     config.divergence.validate()
+    config.samples.validate()
     if config.initialize_from_hf and config.initialize_from_checkpoint_path is not None:
         raise ValueError("Specify at most one of initialize_from_hf and initialize_from_checkpoint_path")
     if config.initialize_from_hf and config.trainer.initialize_from is not None:
@@ -389,16 +394,28 @@ def main(config: TrainSimpoConfig):
             every=1,
         )
 
-        evaluator = None
-        if splits.validation:
-            evaluator = HeldOutEvaluator(trainer, splits.validation, loss_function, config.sft_weight)
-            trainer.add_hook(run.unless_preempted(evaluator), every=config.trainer.steps_per_eval)
-        else:
-            logger.warning("No held-out preference pairs: training without evaluation.")
-
-        # exports carry the chat template the pairs were rendered with and stop at its end of turn, for serving
+        # exports carry the chat template the pairs were rendered with and stop at its end of turn, for serving;
+        # the samples stop where a served model would
         served_tokenizer = export_tokenizer(config.data, tokenizer)
         eos_token_ids = generation_eos_token_ids(served_tokenizer, config.hf_generation_eos_token_ids)
+
+        evaluator = None
+        if splits.validation:
+            samples = None
+            if config.samples.enabled:
+                samples = HeldOutSamples(
+                    config.samples,
+                    held_out_prompts(splits.held_out, config.samples.num_prompts),
+                    AnswerGenerator(trainer.compute_axis_mapping, trainer.device_mesh),
+                    tokenizer,
+                    eos_token_ids or [],
+                    run_dir,
+                )
+            evaluator = HeldOutEvaluator(trainer, splits.validation, loss_function, config.sft_weight, samples)
+            trainer.add_hook(run.unless_preempted(evaluator), every=config.trainer.steps_per_eval)
+        else:
+            logger.warning("No held-out preference pairs: training without evaluation or samples.")
+
         converter = model_context.converter
         if converter is not None:
             # HF exports save the converter's tokenizer; Levanter annotates an HF tokenizer and takes its own
@@ -408,7 +425,7 @@ def main(config: TrainSimpoConfig):
             trainer.add_hook(DivergenceGuard(config.divergence, save_roots, records.mark_diverged), every=1)
 
         config.adapter.install_export_hooks(
-            trainer=run.once_per_step(trainer),
+            trainer=WholeArrayExports(run.once_per_step(trainer)),
             converter=converter,
             tokenizer=served_tokenizer,
             export=AdaptorExportConfig(
@@ -454,6 +471,10 @@ def main(config: TrainSimpoConfig):
     run.report()
     if evaluator is not None and evaluator.latest:
         summary = evaluator.summary()
+        if evaluator.samples is not None and evaluator.samples.latest:
+            summary += "\nWhat the model writes (two held-out prompts):\n" + "\n".join(
+                describe(r) for r in evaluator.samples.latest[:2]
+            )
         logger.info(summary)
         print(summary, flush=True)
 

@@ -141,6 +141,14 @@ def row_weights(weights, pairs_per_row: dict[str, float]):
 
 
 @dataclasses.dataclass(frozen=True)
+class HeldOutPairs:
+    """A component's held-out pairs: its cache and their rows in it, in cache order."""
+
+    pairs: CachedPairs
+    rows: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class PreferenceSplits:
     components: dict[str, AsyncDataset]
     """Per training component, its shuffled training rows."""
@@ -149,6 +157,8 @@ class PreferenceSplits:
     mixture: dict
     """The rest of ``MixtureDataset``'s arguments: block size, key, stop strategy."""
     validation: dict[str, AsyncDataset]
+    held_out: dict[str, HeldOutPairs]
+    """Per component, the pairs ``validation`` lays out in rows."""
     stats: dict[str, PreferencePairStats]
     sources: dict[str, dict | None]
     """Per training component, the source files its cache was built from (``source_identity.json``)."""
@@ -249,6 +259,7 @@ def build_preference_splits(
     train: dict[str, AsyncDataset] = {}
     train_rows: dict[str, PairRows] = {}
     validation: dict[str, AsyncDataset] = {}
+    held_out: dict[str, HeldOutPairs] = {}
     mix_key, *component_keys = jrandom.split(key, len(names) + 1)
     shuffle_keys = dict(zip(names, component_keys))
     train_pairs = {name: _open(config, train_caches, name, "train", seq_len) for name in names}
@@ -269,6 +280,7 @@ def build_preference_splits(
             if held:
                 # the last pairs, whatever the layout: every layout evaluates the same pairs
                 validation[name] = rows_of(pairs, kept[-held:]).dataset
+                held_out[name] = HeldOutPairs(pairs, kept[-held:])
                 kept = kept[:-held]
                 logger.info(f"Holding out the last {held} of the {len(kept) + held} {name} pairs for validation.")
         rows = rows_of(pairs, kept)
@@ -278,6 +290,7 @@ def build_preference_splits(
     for name, pairs in validation_pairs.items():
         stats[f"validation/{name}"] = pairs.stats()
         validation[name] = rows_of(pairs, pairs.kept).dataset
+        held_out[name] = HeldOutPairs(pairs, pairs.kept)
 
     per_row = {name: float(rows.pairs_per_row.mean()) for name, rows in train_rows.items()}
     sources = {name: recorded_identity(train_caches[name]) for name in names}
@@ -292,6 +305,7 @@ def build_preference_splits(
         weights=row_weights(weights, per_row),
         mixture=dict(block_size=config.mixture_block_size, key=mix_key, stop_strategy=config.stop_strategy),
         validation=validation,
+        held_out=held_out,
         stats=stats,
         sources=sources,
         train_rows=train_rows,

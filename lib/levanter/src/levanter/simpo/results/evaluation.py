@@ -1,7 +1,8 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
-"""Held-out evaluation of a SimPO run: the loss and its metrics as exact means over the held-out pairs, and the
-length diagnostics (``levanter.simpo.results.length_diagnostics``)."""
+"""Held-out evaluation of a SimPO run: the loss and its metrics as exact means over the held-out pairs, the
+length diagnostics (``levanter.simpo.results.length_diagnostics``) and the model's own answers
+(``levanter.simpo.results.samples``)."""
 
 from typing import Mapping, cast
 
@@ -13,6 +14,7 @@ from levanter.data.dataset import AsyncDataset
 from levanter.data.loader import DataLoader
 from levanter.metrics import LossFunctionWithMetrics
 from levanter.simpo.results.length_diagnostics import finish_length_diagnostics
+from levanter.simpo.results.samples import HeldOutSamples
 from levanter.trainer import Trainer
 
 
@@ -20,7 +22,14 @@ class HeldOutEvaluator:
     """Evaluates the SimPO loss, its metrics and the length diagnostics on held-out pairs, and remembers the
     latest results for the summary."""
 
-    def __init__(self, trainer: Trainer, datasets: Mapping[str, AsyncDataset], loss_fn, sft_weight: float):
+    def __init__(
+        self,
+        trainer: Trainer,
+        datasets: Mapping[str, AsyncDataset],
+        loss_fn,
+        sft_weight: float,
+        samples: HeldOutSamples | None = None,
+    ):
         # under the trainer's compute mapping, as Levanter's own evaluators jit: on a mesh the batch and the
         # parameters are sharded by it, and a plain jit would meet them with the parameter mapping's specs
         @hax.named_jit(axis_resources=trainer.compute_axis_mapping)
@@ -34,6 +43,9 @@ class HeldOutEvaluator:
             name: trainer.data_loader(ds, trainer.EvalBatch) for name, ds in datasets.items()
         }
         self._max_batches = trainer.config.max_eval_batches
+        self._cast = trainer.mp.cast_to_compute
+        self.samples = samples
+        self._steps_per_eval, self._last_step = trainer.config.steps_per_eval, trainer.config.num_train_steps
         self.latest: dict[str, float] = {}
         self.latest_step: int | None = None
 
@@ -54,8 +66,17 @@ class HeldOutEvaluator:
                 f"{prefix}/simpo_sft_loss", 0.0
             )
             results |= finish_length_diagnostics(named, prefix)
+        if self.samples is not None and self._samples_at(info.next_step):
+            results |= self.samples(self._cast(info.eval_model), info.step)
         levanter.tracker.log(results, step=info.step)
         self.latest, self.latest_step = results, info.step
+
+    def _samples_at(self, next_step: int) -> bool:
+        # decided by the step, so that a resumed run samples at the same evaluations; the last one always samples,
+        # for the end of the run's summary
+        assert self.samples is not None
+        evaluation = next_step // self._steps_per_eval
+        return evaluation % self.samples.config.every == 0 or next_step >= self._last_step
 
     def summary(self) -> str:
         def pick(suffix: str) -> str:

@@ -4,9 +4,15 @@
 preference data was rendered with, and generation stopping at that template's end-of-turn token as well as EOS
 (a Llama-3 chat model ends its turns with ``<|eot_id|>``, not ``<|end_of_text|>``)."""
 
+import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from levanter.callbacks import StepInfo
 from levanter.data.simpo.splits import component_format
 from levanter.data.text.preference import PreferenceLmDataConfig
 from levanter.tokenizers import MarinTokenizer
@@ -65,3 +71,47 @@ def export_tokenizer(data: PreferenceLmDataConfig, tokenizer: MarinTokenizer) ->
     if template is None or template == tokenizer.chat_template:
         return tokenizer
     return tokenizer.with_chat_template(template)
+
+
+def replicated(model, mesh: Mesh):
+    """``model`` with every array that a mesh axis splits gathered whole onto every device (the others as they are)."""
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def gather(x):
+        if not isinstance(x, jax.Array) or x.sharding.is_fully_replicated:
+            return x
+        return jax.jit(lambda a: a, out_shardings=whole)(x)
+
+    return jax.tree.map(gather, model)
+
+
+class _WithModel:
+    """A step's information with another model to export."""
+
+    def __init__(self, info: StepInfo, model):
+        self._info, self.eval_model = info, model
+
+    def __getattr__(self, name):
+        return getattr(self._info, name)
+
+
+@dataclasses.dataclass
+class WholeArrayExports:
+    """The trainer as the export hooks see it: each hook gets the step's model with its split arrays gathered.
+
+    Levanter's HF export gathers each tensor with ``jax.sharding.reshard(x, P())`` and writes the first addressable
+    copy; on a mesh whose axes are ``Auto`` (Levanter's) that reshard leaves the array as it was sharded, so every
+    tensor split over a mesh axis (FSDP's embed, tensor parallelism's heads) was written as one device's slice, and
+    transformers refused the export. Gathering the model first costs one whole copy of it per device while the
+    export runs (none on a data-parallel mesh, whose parameters are already whole everywhere)."""
+
+    trainer: Any
+
+    def __getattr__(self, name):
+        return getattr(self.trainer, name)
+
+    def add_hook(self, fn: Callable[[StepInfo], Any], *, every: int):
+        def export(info: StepInfo):
+            fn(cast(StepInfo, _WithModel(info, replicated(info.eval_model, self.trainer.device_mesh))))
+
+        return self.trainer.add_hook(export, every=every)

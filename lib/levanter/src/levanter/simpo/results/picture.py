@@ -1,7 +1,8 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
 """The run as a picture: train and held-out loss, preference accuracy, reward margin and chosen/rejected
-log-probs over steps, from the run's own metrics, whatever trackers the run is configured with.
+log-probs over steps, and how the model's own answers at evaluations degenerate (``samples/``), from the run's own
+metrics, whatever trackers the run is configured with.
 
 ``record_run`` adds two trackers next to the configured ones: one appends every step's metrics as JSON lines to
 ``<trainer.log_dir>/<run id>/simpo_metrics.jsonl`` (Levanter's directory for the run's artifacts; appending keeps
@@ -35,12 +36,15 @@ logger = logging.getLogger(__name__)
 HISTORY_FILE = "simpo_metrics.jsonl"
 PICTURE_FILE = "simpo_run.png"
 
-# panel title and the metric plotted in it, as named under train/ and eval/ (or eval/<set name>/ with several sets)
+# panel title and the metrics plotted in it, as named under train/ and eval/ (or eval/<set name>/ with several
+# sets), or whole names for the samples' metrics, logged at sampling evaluations only
 PANELS: list[tuple[str, list[str]]] = [
     ("loss", ["loss"]),
     ("preference accuracy (chosen beats rejected)", ["rewards/accuracies"]),
     ("reward margin (beta * (avg logp chosen - rejected))", ["rewards/margins"]),
     ("average log-prob of the completion tokens", ["logps/chosen", "logps/rejected"]),
+    ("answers: mean length over the chosen answers' (rising past 1: growing)", ["samples/length_over_chosen"]),
+    ("answers: ended by a stop token; repeated 4-grams", ["samples/stopped", "samples/repetition"]),
 ]
 
 
@@ -163,7 +167,10 @@ def collect_series(history: Path) -> dict[str, dict[int, float]]:
 
 
 def _panel_series(series: Mapping[str, dict[int, float]], metric: str) -> list[str]:
-    """The train series of ``metric`` and every held-out one (``eval/<metric>`` or ``eval/<set>/<metric>``)."""
+    """The train series of ``metric`` and every held-out one (``eval/<metric>`` or ``eval/<set>/<metric>``); a
+    ``samples/`` metric is its own series."""
+    if metric.startswith("samples/"):
+        return [metric] if metric in series else []
 
     def held_out(name: str) -> bool:
         depth = name.count("/") - metric.count("/")
@@ -180,7 +187,7 @@ def _running_mean(values: list[float], window: int) -> np.ndarray:
 
 def plot_series(series: Mapping[str, dict[int, float]], out: Path, title: str) -> list[str]:
     """Draws the panels into ``out`` (PNG); returns the names of the series drawn."""
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12), constrained_layout=True)
     drawn = []
     for ax, (panel, metrics) in zip(axes.flat, PANELS):
         for color, metric in zip(("tab:blue", "tab:red"), metrics):

@@ -67,6 +67,8 @@ MAY_CHANGE = (
     "trainer.shutdown_at_exit",
     "trainer.crash_on_nan",
     "trainer.crash_on_inf",
+    "run_initial_eval",
+    "samples",
     # the device mesh: Levanter reshards a checkpoint onto another one
     "trainer.mesh",
     "trainer.per_device_parallelism",

@@ -1,0 +1,133 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""Answers of the model being trained to a few prompts: greedy or sampled decoding for any Levanter LM.
+
+Every step runs the model over the whole buffer (prompts and the answers so far) and reads the next-token logits
+at each row's last position; causal attention makes the padding to the right of a row invisible to it, so each
+row decodes exactly as it would alone from position 0, as Hugging Face's ``generate`` does with an unpadded
+prompt. Recomputing the prefix costs ``max_new_tokens`` forward passes over a few rows, which is small beside the
+training between two evaluations; it needs nothing of a model but ``activations`` and ``get_lm_head``, so GPT-2
+and every other Levanter LM decode alike (Levanter's inference engine serves only the models with a paged KV cache).
+
+The rows are replicated across the mesh and the parameters keep the trainer's sharding, so the same call runs on
+one device, any mesh and any number of hosts: every process holds the same answers.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import jax.random as jrandom
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+import haliax as hax
+from haliax import Axis
+from haliax.partitioning import ResourceMapping
+from levanter.layers.attention import AttentionMask
+from levanter.models.lm_model import LmHeadModel
+
+Sample = Axis("sample", 1)  # resized to the number of prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+    """Per prompt: the generated tokens (a stop token, when one ended the answer, included) and whether a stop
+    token ended it before the cap."""
+
+    tokens: list[list[int]]
+    stopped: list[bool]
+
+
+def answer_buffer_length(prompt_lengths: Sequence[int], max_new_tokens: int, max_length: int) -> int:
+    """Positions of the decoding buffer: the longest prompt and its answer, within the model's ``max_length``."""
+    longest = max(prompt_lengths)
+    if longest >= max_length:
+        raise ValueError(f"a sample prompt of {longest} tokens leaves no room to answer in {max_length} positions")
+    return min(longest + max_new_tokens, max_length)
+
+
+def _decode(model: LmHeadModel, tokens, prompt_lengths, limits, stop_ids, key, *, vocab_size: int, temperature: float):
+    """The jitted loop: ``tokens`` (rows, positions) holds the prompts left-aligned; each row writes its next token
+    after its last one until a stop token or its limit (``limits``: positions a row may fill)."""
+    rows, length = tokens.shape
+    Rows, Pos = Sample.resize(rows), model.Pos.resize(length)
+    mask = AttentionMask.causal()
+    head = model.get_lm_head()
+    real_vocab = jnp.arange(model.Vocab.size) < vocab_size
+    row_index = jnp.arange(rows)
+
+    def next_logits(tokens, ends):
+        x = model.activations(hax.named(tokens, (Rows, Pos)), mask, key=None)
+        if isinstance(x, tuple):  # models with an auxiliary loss return it beside the activations
+            x = x[0]
+        last = x.rearrange((Rows, Pos, model.Embed)).array[row_index, ends - 1]
+        logits = last @ head.rearrange((model.Embed, model.Vocab)).array
+        return jnp.where(real_vocab, logits.astype(jnp.float32), -jnp.inf)
+
+    def body(state):
+        tokens, ends, done, key = state
+        logits = next_logits(tokens, ends)
+        if temperature == 0.0:
+            chosen = jnp.argmax(logits, axis=-1)
+        else:
+            key, sub = jrandom.split(key)
+            chosen = jrandom.categorical(sub, logits / temperature, axis=-1)
+        chosen = chosen.astype(tokens.dtype)
+        writes = ~done & (ends < limits)
+        position = jnp.minimum(ends, length - 1)
+        tokens = tokens.at[row_index, position].set(jnp.where(writes, chosen, tokens[row_index, position]))
+        done = done | (writes & jnp.isin(chosen, stop_ids)) | ~writes
+        return tokens, ends + writes.astype(ends.dtype), done, key
+
+    def cond(state):
+        return ~jnp.all(state[2])
+
+    done = prompt_lengths >= limits
+    tokens, ends, _, _ = jax.lax.while_loop(cond, body, (tokens, prompt_lengths, done, key))
+    return tokens, ends
+
+
+class AnswerGenerator:
+    """Decodes with the trainer's compute mapping on its mesh; compiled once per prompt set and settings."""
+
+    def __init__(self, axis_mapping: ResourceMapping | None, mesh: jax.sharding.Mesh | None):
+        self._mesh = mesh
+        # haliax's jit keeps the Python numbers (vocab_size, temperature) static
+        self._decode = hax.named_jit(_decode, axis_resources=axis_mapping)
+
+    def __call__(
+        self,
+        model: LmHeadModel,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        vocab_size: int,
+        temperature: float = 0.0,
+        key: jax.Array | None = None,
+    ) -> Answers:
+        """Answers ``prompts`` (token ids) with ``model``: greedy at ``temperature`` 0, else sampled with ``key``;
+        each answer ends at a token of ``stop_ids`` or after ``max_new_tokens`` (or at the model's length).
+        ``vocab_size`` is the tokenizer's: the model's vocabulary axis may be padded for partitioning."""
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"sample prompt {lengths.index(0)} has no tokens")
+        length = answer_buffer_length(lengths, max_new_tokens, model.Pos.size)
+        buffer = np.zeros((len(prompts), length), dtype=np.int32)
+        for row, prompt in enumerate(prompts):
+            buffer[row, : len(prompt)] = prompt
+        prompt_lengths = np.asarray(lengths, dtype=np.int32)
+        limits = np.minimum(prompt_lengths + max_new_tokens, length).astype(np.int32)
+        stops = np.asarray(sorted(set(stop_ids)) or [-1], dtype=np.int32)
+        inputs = (buffer, prompt_lengths, limits, stops, key if key is not None else jrandom.PRNGKey(0))
+        if self._mesh is not None:
+            # replicated on every device of every host: each process passes the same values
+            replicated = NamedSharding(self._mesh, PartitionSpec())
+            inputs = tuple(jax.device_put(x, replicated) for x in inputs)
+        tokens, ends = self._decode(model, *inputs, vocab_size=vocab_size, temperature=float(temperature))
+        tokens, ends = np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(ends))
+        stop_set = {int(s) for s in stop_ids}
+        answers = [[int(t) for t in tokens[row, start : int(ends[row])]] for row, start in enumerate(lengths)]
+        return Answers(answers, [bool(a) and a[-1] in stop_set for a in answers])

@@ -1,0 +1,112 @@
+# Copyright The Levanter Authors
+# SPDX-License-Identifier: Apache-2.0
+"""What the model writes at evaluations: the decoder on a tiny real GPT-2, the degeneration measures, and the
+answers of the session's runs on one device and on four against transformers' greedy ``generate`` from the HF
+export of the same step."""
+
+import jax.random as jrandom
+import numpy as np
+import pytest
+from simpo_hf_reference import check_against_the_export
+from simpo_tiny_run import MESHES, STEPS, tiny_config
+
+import haliax as hax
+from haliax import Axis
+from levanter.layers.attention import AttentionMask
+from levanter.main.train_simpo import validate_config
+from levanter.models.gpt2 import Gpt2Config
+from levanter.simpo.results.generation import AnswerGenerator, Answers
+from levanter.simpo.results.samples import SamplePrompt, repeated_ngrams, sample_metrics
+
+SEQ = 24
+VOCAB = 50  # the tokenizer's; the model's vocabulary axis is padded past it, as partitioning pads it
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = Gpt2Config(max_seq_len=SEQ, hidden_dim=32, num_layers=1, num_heads=2, gradient_checkpointing=False)
+    return config.build(Axis("vocab", 64), key=jrandom.PRNGKey(3))
+
+
+def _answer(model, prompts, **kwargs) -> Answers:
+    settings = dict(max_new_tokens=8, stop_ids=[], vocab_size=VOCAB) | kwargs
+    return AnswerGenerator(None, None)(model, prompts, **settings)
+
+
+PROMPTS = [[1, 5, 9], [2, 7, 7, 7, 3, 11, 4], [4]]
+
+
+def test_each_answer_is_what_its_prompt_alone_decodes(tiny_model):
+    together = _answer(tiny_model, PROMPTS)
+    for prompt, answer in zip(PROMPTS, together.tokens):
+        assert _answer(tiny_model, [prompt]).tokens == [answer]
+    assert [len(a) for a in together.tokens] == [8, 8, 8] and together.stopped == [False] * 3
+    assert all(0 <= t < VOCAB for a in together.tokens for t in a)  # never a padding entry of the vocabulary
+    # greedy: each token is the argmax of the model's logits after the prompt and the answer so far
+    prompt, answer = PROMPTS[1], together.tokens[1]
+    ids = hax.named(np.asarray(prompt + answer, dtype=np.int32), "position")
+    logits = np.asarray(tiny_model(ids, attn_mask=AttentionMask.causal()).array)  # the plain forward pass
+    assert answer == np.argmax(logits[len(prompt) - 1 : -1, :VOCAB], axis=-1).tolist()
+
+
+def test_a_stop_token_ends_an_answer_and_the_model_length_caps_it(tiny_model):
+    free = _answer(tiny_model, PROMPTS)
+    first = free.tokens[0][0]
+    stopped = _answer(tiny_model, PROMPTS, stop_ids=[first])
+    assert stopped.tokens[0] == [first] and stopped.stopped[0]
+    for full, cut in zip(free.tokens[1:], stopped.tokens[1:]):
+        # the others run to the first time they write it, which ends them too
+        end = full.index(first) + 1 if first in full else len(full)
+        assert cut == full[:end]
+    long_prompt = list(range(1, SEQ - 2))
+    capped = _answer(tiny_model, [long_prompt, [1]], max_new_tokens=8)
+    assert [len(a) for a in capped.tokens] == [3, 8] and capped.stopped == [False, False]
+    with pytest.raises(ValueError, match="leaves no room to answer in 24 positions"):
+        _answer(tiny_model, [list(range(SEQ))])
+
+
+def test_sampling_follows_the_seed(tiny_model):
+    def sampled(seed):
+        return _answer(tiny_model, PROMPTS, temperature=1.0, key=jrandom.PRNGKey(seed)).tokens
+
+    assert sampled(0) == sampled(0)
+    assert sampled(0) != sampled(1)
+    assert sampled(0) != _answer(tiny_model, PROMPTS).tokens
+
+
+def test_degeneration_measures():
+    assert repeated_ngrams([1, 2, 3, 4, 1, 2, 3, 4]) == (1, 5)
+    assert repeated_ngrams([7] * 10) == (6, 7)
+    assert repeated_ngrams([1, 2, 3]) == (0, 0)
+    prompts = [SamplePrompt("c", i, [1], chosen=[5] * n, rejected=[6]) for i, n in enumerate([4, 6])]
+    answers = Answers(tokens=[[9] * 10, [1, 2, 3, 4, 5]], stopped=[False, True])
+    assert sample_metrics(prompts, answers) == {
+        "samples/length": 7.5,
+        "samples/length_over_chosen": 1.5,
+        "samples/stopped": 0.5,
+        "samples/repetition": 6 / 9,
+    }
+
+
+def test_bad_sample_settings_are_named(tmp_path, repo_cwd):
+    for setting, value, message in [
+        ("num_prompts", "0", "samples.num_prompts, samples.max_new_tokens and samples.every must be at least 1"),
+        ("temperature", "-1", "samples.temperature must be a finite number >= 0, got -1.0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            validate_config(tiny_config(tmp_path, f"--samples.{setting}", value))
+
+
+def test_one_device_samples_equal_transformers_generate_from_the_export(single_device_runs):
+    tmp = single_device_runs.tmp
+    last = STEPS - 1
+    records = check_against_the_export(tmp / "logs" / "reference", tmp / "hf" / "reference" / f"step-{last}", last)
+    # the run also sampled the starting model (run_initial_eval) and its evaluation at step 3
+    assert [s for s, m in sorted(single_device_runs.reference.items()) if "samples/length" in m] == [0, 3, 7]
+    assert single_device_runs.reference[STEPS - 1]["samples/length"] == np.mean([r["answer_tokens"] for r in records])
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_mesh_samples_equal_transformers_generate_from_the_export(mesh_runs, mesh):
+    tmp, _ = mesh_runs
+    check_against_the_export(tmp / "logs" / mesh, tmp / "hf" / mesh / f"step-{STEPS - 1}", STEPS - 1)
