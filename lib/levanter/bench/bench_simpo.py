@@ -6,6 +6,8 @@
     uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model, short rows (~7 min)
     uv run python lib/levanter/bench/bench_simpo.py --quick --data-only  # data sections only (~6 min, 1 GB disk)
     uv run python lib/levanter/bench/bench_simpo.py --quick --skip-data  # all but the data sections
+    uv run python lib/levanter/bench/bench_simpo.py --microbatches --first-step-only --trl-python PYTHON
+        # time to the first step by phase, ours beside TRL's SimPO (PYTHON: an interpreter with torch and trl)
 
 Every step goes through ``Trainer.train_step`` with the real loss functions: ``train_simpo.simpo_loss``, the
 ``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
