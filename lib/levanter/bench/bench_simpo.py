@@ -6,6 +6,8 @@
     uv run python lib/levanter/bench/bench_simpo.py --quick    # tiny model, short rows (~7 min)
     uv run python lib/levanter/bench/bench_simpo.py --quick --data-only  # data sections only (~6 min, 1 GB disk)
     uv run python lib/levanter/bench/bench_simpo.py --quick --skip-data  # all but the data sections
+    uv run python lib/levanter/bench/bench_simpo.py --microbatches --first-step-only --trl-python PYTHON
+        # time to the first step by phase, ours beside TRL's SimPO (PYTHON: an interpreter with torch and trl)
 
 Every step goes through ``Trainer.train_step`` with the real loss functions: ``train_simpo.simpo_loss``, the
 ``compute_next_token_loss`` that ``train_lm`` trains with, and ``levanter.dpo.dpo_loss`` on a ``DpoModel`` with a
@@ -164,6 +166,8 @@ class Stepper:
         *,
         layout: PairLayout | None = None,
         per_device: int = -1,
+        model: object | None = None,
+        model_init: bool = False,
     ):
         config = model_config(size, seq_len)
         optimizer = AdamConfig(learning_rate=1e-4, warmup=0.0).build(10_000)
@@ -180,10 +184,19 @@ class Stepper:
             # SimPO's trainer: microbatches (per_device rows a device at once) give the unsplit step's loss
             layout = layout if layout is not None else pair_layout("padded", 1)
             self.trainer = SimpoTrainer(trainer_config(rows, per_device), optimizer, simpo_fn(layout), layout=layout)
-            model, trainable, self.batch = config.build(VOCAB, key=key_p), True, pairs
+            if model is None and not model_init:
+                model = config.build(VOCAB, key=key_p)
+            trainable, self.batch = True, pairs
         self.stack = contextlib.ExitStack()
         self.stack.enter_context(self.trainer)
-        self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
+        if model_init:
+            # train_simpo's path: the model built inside the trainer's compiled, sharded initialisation, one compile
+            # where building it eagerly dispatches (and compiles) every initialiser on its own
+            self.state = self.trainer.initial_state(
+                jrandom.PRNGKey(1), model_init=lambda: config.build(VOCAB, key=key_p), is_trainable=trainable
+            )
+        else:
+            self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
         self.params = parameter_count(self.state.trainable_model)
 
     def xla_memory_mb(self) -> float:
@@ -352,12 +365,21 @@ def main() -> None:
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--first-step", metavar="CACHE_DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--first-step-breakdown", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first-step-breakdown", metavar="PAIRS_JSONL", help=argparse.SUPPRESS)
     parser.add_argument(
         "--microbatches",
         action="store_true",
         help="only memory and step time against microbatch size per layout, "
         "and the time to the first step by phase",
+    )
+    parser.add_argument(
+        "--first-step-only", action="store_true", help="only the time to the first step by phase (with --microbatches)"
+    )
+    parser.add_argument("--first-step-repeats", type=int, default=1, help="fresh starts a side, medians reported")
+    parser.add_argument(
+        "--trl-python",
+        metavar="PYTHON",
+        help="an interpreter with torch, transformers and trl: adds TRL's SimPO to the first-step table",
     )
     parser.add_argument("--data-only", action="store_true", help="only the data sections: tokenization and start-up")
     parser.add_argument("--skip-data", action="store_true", help="skip the data sections (bench_data.py)")
@@ -374,7 +396,7 @@ def main() -> None:
         first_step_worker(args.size, seq_len, pairs, args.first_step)
         return
     if args.first_step_breakdown:
-        first_step_breakdown_worker(args.size, seq_len, pairs)
+        first_step_breakdown_worker(args.size, seq_len, pairs, args.first_step_breakdown)
         return
     # "medium" (--sizes medium) takes tens of minutes per row on a shared 2-core CPU
     sizes = args.sizes or (["tiny"] if args.quick else ["tiny", "small"])
@@ -389,8 +411,9 @@ def main() -> None:
     print(f"jax {jax.__version__}, load average at start {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f}")
     if args.microbatches:
         size = sizes[-1] if args.quick else "small"
-        microbatch_section(size, args.quick, repeats)
-        first_step_breakdown(size, seq_len if args.quick else 512, 8)
+        if not args.first_step_only:
+            microbatch_section(size, args.quick, repeats)
+        first_step_breakdown(size, seq_len if args.quick else 512, 8, args.trl_python, args.first_step_repeats)
         return
     if not args.skip_data:
         data_sections(args, seq_len, pairs)
@@ -476,14 +499,15 @@ def microbatch_section(size: str, quick: bool, repeats: int) -> None:
         del steppers
 
 
-def first_step_breakdown_worker(size: str, seq_len: int, rows: int) -> None:
+def first_step_breakdown_worker(size: str, seq_len: int, rows: int, pairs_path: str) -> None:
     """A fresh process's time to its first step, by phase, with no persistent compilation cache: the imports (from
-    this module's start), the data (UltraFeedback-like pairs written to a pair cache, laid out by ``auto``'s
-    choice), the model and trainer state (its initialisation compiled), the compile (the first step's time less a
-    steady step's) and the step itself (the fastest of four steady steps)."""
+    this module's start), the data (the pairs read from ``pairs_path``, written to a pair cache, laid out by
+    ``auto``'s choice), the trainer and its state (the model built inside its compiled initialisation, as
+    ``train_simpo`` builds it), the compile (the first step's time less a steady step's) and the step itself (the
+    fastest of four steady steps)."""
     phases = {"imports": time.perf_counter() - _PROCESS_START}
     start = time.perf_counter()
-    cache = write_cache(ultrafeedback_like(2048, seq_len, scale=seq_len / 2048, seed=1))
+    cache = write_cache(read_pairs(pairs_path))
     Pos = Axis("position", seq_len)
     name, _ = resolve_pair_layout("auto", seq_len, PairLengths.of([cache]), jax.default_backend(), 8)
     layout = pair_layout(name, 8)
@@ -491,28 +515,142 @@ def first_step_breakdown_worker(size: str, seq_len: int, rows: int) -> None:
     batch = stacked(laid_out.dataset.as_sync_dataset().get_batch(list(range(rows))))
     phases["data"] = time.perf_counter() - start
     start = time.perf_counter()
-    stepper = Stepper("simpo", size, seq_len, batch, rows, layout=layout)
+    stepper = Stepper("simpo", size, seq_len, batch, rows, layout=layout, model_init=True)
     jax.block_until_ready(stepper.state.model)
-    phases["model"] = time.perf_counter() - start
+    phases["trainer setup"] = time.perf_counter() - start
     first = stepper.step()
+    first_done = time.time()
     # the fastest of the next steps: Levanter compiles its step without jit hooks on the next one
     steady = min(stepper.step() for _ in range(4))
     phases["compile"] = first - steady
-    phases["first step"] = steady
-    print(json.dumps({"layout": name, **phases}))
+    phases["step"] = steady
+    pairs = int(laid_out.pairs_per_row[:rows].sum())
+    positions = rows * layout.sequences_per_row * seq_len
+    print(
+        json.dumps(
+            {"layout": name, "pairs": pairs, "positions": positions, "first_step_done_wall": first_done, **phases}
+        )
+    )
 
 
-def first_step_breakdown(size: str, seq_len: int, rows: int) -> None:
-    cache_dir = tempfile.mkdtemp(prefix="bench_simpo_cold_jax_cache")  # empty: nothing compiled before
-    cmd = [sys.executable, __file__, "--first-step-breakdown", "--size", size, "--seq-len", str(seq_len)]
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
-    run = subprocess.run(cmd + ["--pairs", str(rows)], capture_output=True, text=True, check=True, env=env)
-    phases = json.loads(run.stdout.strip().splitlines()[-1])
-    layout = phases.pop("layout")
-    print(f"\n## Time to the first step, fresh process ({size} model, {rows} rows of {seq_len}, {layout})\n")
-    print("| " + " | ".join(phases) + " | total |")
-    print("|" + "---|" * (len(phases) + 1))
-    print("| " + " | ".join(f"{v:.1f} s" for v in phases.values()) + f" | {sum(phases.values()):.1f} s |", flush=True)
+def write_pairs(seq_len: int) -> str:
+    """The pairs both sides of the first-step table read, as token ids: UltraFeedback-like lengths scaled to the
+    row, one JSON line of prompt, chosen and rejected completion each."""
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_simpo_first_step"), "pairs.jsonl")
+    with open(path, "w") as f:
+        for row in ultrafeedback_like(2048, seq_len, scale=seq_len / 2048, seed=1):
+            prompt = int(np.argmax(row["chosen_assistant_masks"]))
+            ids = {side: row[f"{side}_input_ids"].tolist() for side in ("chosen", "rejected")}
+            f.write(json.dumps({"prompt": ids["chosen"][:prompt], **{k: v[prompt:] for k, v in ids.items()}}) + "\n")
+    return path
+
+
+def read_pairs(path: str) -> list[dict]:
+    """``write_pairs``' file as ``ultrafeedback_like`` rows."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            pair = json.loads(line)
+            row = {}
+            for side in ("chosen", "rejected"):
+                row[f"{side}_input_ids"] = np.array(pair["prompt"] + pair[side], np.int32)
+                row[f"{side}_assistant_masks"] = np.array([0] * len(pair["prompt"]) + [1] * len(pair[side]), np.int32)
+            rows.append(row)
+    return rows
+
+
+def timed_run(cmd: list[str], env: dict) -> tuple[dict, float]:
+    """A fresh process's last JSON line, and the seconds from its spawn to the end of its first step."""
+    spawned = time.time()
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise RuntimeError(f"{cmd[:2]} failed ({run.returncode}):\n{run.stderr[-4000:]}")
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    return out, out.pop("first_step_done_wall") - spawned
+
+
+def trl_first_step(trl_python: str, size: str, seq_len: int, pairs: int, pairs_path: str) -> tuple[dict, float]:
+    """TRL's SimPO (``bench_trl_first_step.py`` under ``trl_python``) on the same model, pairs a step, sequence
+    length and pairs as the Levanter side."""
+    work = tempfile.mkdtemp(prefix="bench_simpo_trl")
+    spec = {
+        "hf_config": model_config(size, seq_len).to_hf_config(VOCAB.size).to_dict(),
+        "pairs": pairs_path,
+        "pairs_per_step": pairs,
+        "seq_len": seq_len,
+        "beta": 2.0,  # simpo_fn's beta; TRL's simpo_gamma is the margin itself: beta * gamma_beta_ratio
+        "simpo_gamma": 2.0 * 0.5,
+        "steps": 5,
+        "output_dir": os.path.join(work, "out"),
+    }
+    with open(os.path.join(work, "spec.json"), "w") as f:
+        json.dump(spec, f)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_trl_first_step.py")
+    return timed_run([trl_python, script, os.path.join(work, "spec.json")], {**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def first_step_breakdown(size: str, seq_len: int, rows: int, trl_python: str | None = None, repeats: int = 1) -> None:
+    """Both sides' first-step phases, medians over ``repeats`` fresh processes each, the two sides alternating so
+    that a shared machine's load hits them alike."""
+    pairs_path = write_pairs(seq_len)
+    cmd = [sys.executable, __file__, "--first-step-breakdown", pairs_path, "--size", size, "--seq-len", str(seq_len)]
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for _ in range(repeats):
+        # a fresh, empty compilation cache each start: nothing compiled before
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="bench_simpo_cold_jax_cache")}
+        ours, wall = timed_run(cmd + ["--pairs", str(rows)], env)
+        runs["ours"].append({**ours, "spawn": wall})
+        if trl_python is not None:
+            trl, wall = trl_first_step(trl_python, size, seq_len, ours["pairs"], pairs_path)
+            runs["trl"].append({**trl, "spawn": wall})
+    ours = medians(runs["ours"])
+    layout, pairs, positions = ours["layout"], ours["pairs"], ours["positions"]
+    print(
+        f"\n## Time to the first step, fresh process ({size} model, {rows} rows of {seq_len}, {layout}: {pairs} "
+        f"pairs, {positions} positions a step; median of {repeats} start(s); load {os.getloadavg()[0]:.1f})\n"
+    )
+    phases = ("imports", "data", "trainer setup", "compile", "step")
+    if trl_python is None:
+        print("| " + " | ".join(phases) + " | spawn to first step done |")
+        print("|" + "---|" * (len(phases) + 1))
+        print("| " + " | ".join(f"{ours[k]:.1f} s" for k in phases) + f" | {ours['spawn']:.1f} s |")
+        print("\nTRL's side skipped: pass --trl-python PYTHON, an interpreter with torch, transformers and trl.")
+        return
+    trl = medians(runs["trl"])
+    batch = trl["first_batch"]
+    print(
+        f"TRL: torch {trl['torch']}, {trl['threads']} threads, CPOTrainer(loss_type=simpo, cpo_alpha=0, beta 2.0, "
+        f"simpo_gamma 1.0), fp32, {pairs} pairs a step, its first batch padded to {batch[0]} x ({batch[1]} chosen + "
+        f"{batch[2]} rejected) positions. TRL has no compile: its warm-up is its first step less its fastest later "
+        "step.\n"
+    )
+    table = [
+        ("imports", ours["imports"], trl["imports"]),
+        ("data", ours["data"], trl["data"]),
+        ("model build (ours: in the trainer's compiled initialisation, next row)", None, trl["model"]),
+        ("trainer setup (TRL: tokenizing the pairs too)", ours["trainer setup"], trl["trainer setup"]),
+        ("first step", ours["compile"] + ours["step"], trl["first step"]),
+        ("- of which compile / warm-up", ours["compile"], trl["first step"] - trl["steady step"]),
+        ("- steady step", ours["step"], trl["steady step"]),
+        ("spawn to first step done", ours["spawn"], trl["spawn"]),
+    ]
+    print("| phase | Levanter SimPO s | TRL SimPO s | ours / TRL |")
+    print("|---|---|---|---|")
+    for label, a, b in table:
+        print(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f} |" if a is not None else f"| {label} | | {b:.1f} | |")
+    spawn = {side: [r["spawn"] for r in runs[side]] for side in runs}
+    verdict = "at most" if ours["spawn"] <= trl["spawn"] else "more than"
+    print(
+        f"\nOurs from spawn to its first step: {ours['spawn']:.1f} s (each start: "
+        f"{', '.join(f'{t:.1f}' for t in spawn['ours'])}), {verdict} TRL's {trl['spawn']:.1f} s "
+        f"({', '.join(f'{t:.1f}' for t in spawn['trl'])}).",
+        flush=True,
+    )
+
+
+def medians(runs: list[dict]) -> dict:
+    """Each number's median over the runs (a median of each phase: the phases need not add up to the total)."""
+    return {k: statistics.median(r[k] for r in runs) if isinstance(v, float) else v for k, v in runs[0].items()}
 
 
 def padding_section() -> None:

@@ -18,15 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import jax
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # files only: no display on training hosts
-import matplotlib.pyplot as plt  # noqa: E402
-
-import levanter.tracker  # noqa: E402
-from levanter.tracker import CompositeTracker, Tracker  # noqa: E402
-from levanter.tracker.json_logger import _flatten, _to_jsonable  # noqa: E402
+import levanter.tracker
+from levanter.tracker import CompositeTracker, Tracker
+from levanter.tracker.json_logger import _flatten, _to_jsonable
 
 if TYPE_CHECKING:  # importing the trainer would double the command line's start-up time
     from levanter.trainer import TrainerConfig
@@ -187,6 +183,12 @@ def _running_mean(values: list[float], window: int) -> np.ndarray:
 
 def plot_series(series: Mapping[str, dict[int, float]], out: Path, title: str) -> list[str]:
     """Draws the panels into ``out`` (PNG); returns the names of the series drawn."""
+    # imported here, at the end of a run: matplotlib adds about a second to every start before the first step
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training hosts
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(3, 2, figsize=(12, 12), constrained_layout=True)
     drawn = []
     for ax, (panel, metrics) in zip(axes.flat, PANELS):
