@@ -80,7 +80,7 @@ def small_model_section(repeats: int) -> None:
     def decode() -> float:
         start = time.perf_counter()
         answers = generate(model, prompts, max_new_tokens=config.max_new_tokens, stop_ids=[], vocab_size=VOCAB.size)
-        assert all(len(a) == config.max_new_tokens for a in answers.tokens)
+        assert all(len(a) == config.max_new_tokens for a in answers.tokens), [len(a) for a in answers.tokens]
         return time.perf_counter() - start
 
     first = decode()

@@ -4,6 +4,11 @@
 answers of the session's runs on one device and on four against transformers' greedy ``generate`` from the HF
 export of the same step."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax.random as jrandom
 import numpy as np
 import pytest
@@ -15,7 +20,8 @@ from haliax import Axis
 from levanter.layers.attention import AttentionMask
 from levanter.main.train_simpo import validate_config
 from levanter.models.gpt2 import Gpt2Config
-from levanter.simpo.results.generation import AnswerGenerator, Answers
+from levanter.models.llama import LlamaConfig
+from levanter.simpo.results.generation import AnswerGenerator, Answers, engine_serves
 from levanter.simpo.results.samples import SamplePrompt, repeated_ngrams, sample_metrics
 
 SEQ = 24
@@ -63,6 +69,45 @@ def test_a_stop_token_ends_an_answer_and_the_model_length_caps_it(tiny_model):
     assert [len(a) for a in capped.tokens] == [3, 8] and capped.stopped == [False, False]
     with pytest.raises(ValueError, match="leaves no room to answer in 24 positions"):
         _answer(tiny_model, [list(range(SEQ))])
+
+
+def test_levanters_engine_answers_a_llama_greedily(tiny_model):
+    config = LlamaConfig(max_seq_len=SEQ, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=2,
+                         num_kv_heads=2, gradient_checkpointing=False)  # fmt: skip
+    llama = config.build(Axis("vocab", VOCAB), key=jrandom.PRNGKey(5))
+    assert engine_serves(llama) and not engine_serves(tiny_model)  # GPT-2 has no paged KV cache
+    generate = AnswerGenerator(None, None)
+    free = generate(llama, PROMPTS, max_new_tokens=8, stop_ids=[], vocab_size=VOCAB)
+    assert [len(a) for a in free.tokens] == [8, 8, 8] and free.stopped == [False] * 3
+    for prompt, answer in zip(PROMPTS, free.tokens):
+        # each token the argmax of the plain forward pass over the prompt and the answer so far
+        ids = hax.named(np.asarray(prompt + answer, dtype=np.int32), "position")
+        logits = np.asarray(llama(ids, attn_mask=AttentionMask.causal()).array)
+        assert answer == np.argmax(logits[len(prompt) - 1 : -1], axis=-1).tolist()
+    # a stop token ends an answer and is kept; the engine, reused with the next evaluation's weights, stops again
+    stop = free.tokens[1][2]
+    for _ in range(2):
+        stopped = generate(llama, PROMPTS, max_new_tokens=8, stop_ids=[stop], vocab_size=VOCAB)
+        assert stopped.tokens[1] == free.tokens[1][: free.tokens[1].index(stop) + 1] and stopped.stopped[1]
+    capped = generate(llama, [list(range(1, SEQ - 2)), [1]], max_new_tokens=8, stop_ids=[], vocab_size=VOCAB)
+    assert [len(a) for a in capped.tokens] == [3, 8]
+    # prompts whose tokens together pass a sequence's capacity all get answers (the engine's default prefill
+    # buffer held one sequence's worth and left the others unanswered)
+    many = generate(
+        llama, [list(range(i, i + 12)) for i in range(1, 6)], max_new_tokens=8, stop_ids=[], vocab_size=VOCAB
+    )
+    assert [len(a) for a in many.tokens] == [8] * 5
+
+
+def test_the_engine_answers_on_four_device_meshes(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    script = Path(__file__).with_name("simpo_llama_answers_check.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["fsdp", "tensor_parallel"]
+    assert lines[0].split(": ")[1] == lines[1].split(": ")[1]  # the same answers on both meshes
 
 
 def test_sampling_follows_the_seed(tiny_model):

@@ -62,7 +62,7 @@ def test_tiny_run_learns_checkpoints_exports_and_resumes(tmp_path, repo_cwd):
 
     # what the trained model writes at its last evaluation is what transformers generates from its export
     records = check_against_the_export(tmp_path / "logs" / "e2e", export, 39)
-    assert len({t for r in records for t in r["answer_ids"]}) >= 5, records  # not one token repeated
+    assert len({tuple(r["answer_ids"]) for r in records}) > 1, records  # the prompts get different answers
     summary = next(m for m in first_run.messages if m.startswith("SimPO held-out metrics at step 39"))
     assert "What the model writes (two held-out prompts):\n" + describe(records[0]) in summary
 

@@ -406,7 +406,7 @@ def main(config: TrainSimpoConfig):
                 samples = HeldOutSamples(
                     config.samples,
                     held_out_prompts(splits.held_out, config.samples.num_prompts),
-                    AnswerGenerator(trainer.compute_axis_mapping, trainer.device_mesh),
+                    AnswerGenerator(trainer.compute_axis_mapping, trainer.device_mesh, trainer.mp.compute_dtype),
                     tokenizer,
                     eos_token_ids or [],
                     run_dir,
