@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from simpo_hf_reference import check_against_the_export
 from simpo_tiny_run import REPO, STEPS, SharedSetup, run_overrides, tiny_args
 
-from levanter.simpo.run.lease import LEASE_FILE
+from levanter.simpo.run.lease import LEASE_FILE, process_identity
 
 PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -207,8 +206,8 @@ def test_a_live_foreign_lease_stops_both_processes(trained_pod, pod):
     try:
         lease = tmp / "checkpoints" / "leased" / LEASE_FILE
         lease.parent.mkdir(parents=True)
-        started = psutil.Process(holder.pid).create_time()
-        record = {"run_id": "leased", "host": socket.gethostname(), "pid": holder.pid, "process_started": started,
+        # as a holder records itself
+        record = {"run_id": "leased", "host": socket.gethostname(), **process_identity(holder.pid),
                   "token": "foreign", "taken": time.time(), "renewed": time.time()}  # fmt: skip
         lease.write_text(json.dumps(record))
         run = PodRun(tmp, shared, "leased", *run_overrides("leased"))
