@@ -138,13 +138,13 @@ class AnswerGenerator:
         if min(lengths) == 0:
             raise ValueError(f"sample prompt {lengths.index(0)} has no tokens")
         length = answer_buffer_length(lengths, max_new_tokens, model.Pos.size)
-        buffer = np.zeros((len(prompts), length), dtype=np.int32)
-        for row, prompt in enumerate(prompts):
-            buffer[row, : len(prompt)] = prompt
         prompt_lengths = np.asarray(lengths, dtype=np.int32)
         limits = np.minimum(prompt_lengths + max_new_tokens, length).astype(np.int32)
         if engine_serves(model):
             return self._engine_answers(model, prompts, limits, stop_ids, length, temperature, key)
+        buffer = np.zeros((len(prompts), length), dtype=np.int32)
+        for row, prompt in enumerate(prompts):
+            buffer[row, : len(prompt)] = prompt
         stops = np.asarray(sorted(set(stop_ids)) or [-1], dtype=np.int32)
         inputs = (buffer, prompt_lengths, limits, stops, key if key is not None else jrandom.PRNGKey(0))
         if self._mesh is not None:

@@ -25,10 +25,12 @@ import jax.random as jrandom
 import numpy as np
 
 import levanter.tracker
+from levanter.data.simpo.cache import PAIR_FIELDS
 from levanter.data.simpo.splits import HeldOutPairs
 from levanter.models.lm_model import LmHeadModel
 from levanter.simpo.results.generation import AnswerGenerator, Answers
 from levanter.tokenizers import MarinTokenizer
+from levanter.tracker import CompositeTracker
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,7 @@ def held_out_prompts(held_out: Mapping[str, HeldOutPairs], count: int) -> list[S
             continue
         fields = held_out[name].pairs.pair_fields_view().get_batch_sync([int(r) for r in rows])
         for row, pair in zip(rows, fields):
-            chosen_ids, chosen_mask = np.asarray(pair["chosen_input_ids"]), np.asarray(pair["chosen_assistant_masks"])
-            rejected_ids, rejected_mask = pair["rejected_input_ids"], np.asarray(pair["rejected_assistant_masks"])
+            chosen_ids, chosen_mask, rejected_ids, rejected_mask = (np.asarray(pair[field]) for field in PAIR_FIELDS)
             start = int(np.argmax(chosen_mask != 0))  # the completion's first token: the cache keeps trained pairs
             prompts.append(
                 SamplePrompt(
@@ -89,7 +90,7 @@ def held_out_prompts(held_out: Mapping[str, HeldOutPairs], count: int) -> list[S
                     row=int(row),
                     prompt=chosen_ids[:start].tolist(),
                     chosen=chosen_ids[chosen_mask != 0].tolist(),
-                    rejected=np.asarray(rejected_ids)[rejected_mask != 0].tolist(),
+                    rejected=rejected_ids[rejected_mask != 0].tolist(),
                 )
             )
         if len(prompts) == count:
@@ -160,8 +161,7 @@ def write_samples(run_dir: Path, step: int, records: Sequence[Mapping[str, Any]]
 
 def _log_table(step: int, records: Sequence[Mapping[str, Any]]) -> None:
     """The samples as a table, for the wandb trackers among the run's (the others take scalars only)."""
-    from levanter.tracker import CompositeTracker
-    from levanter.tracker.wandb import WandbTracker
+    from levanter.tracker.wandb import WandbTracker  # imports wandb: only when samples are logged
 
     tracker = levanter.tracker.current_tracker()
     trackers = tracker.loggers if isinstance(tracker, CompositeTracker) else [tracker]
