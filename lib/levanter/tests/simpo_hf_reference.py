@@ -31,10 +31,12 @@ def reference_python() -> str:
     export = ["uv", "export", "--frozen", "--only-group", "hf-reference", "--no-hashes", "--no-emit-project"]
     pinned.write_text(subprocess.run(export, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     python = str(Path(env) / "venv" / "bin" / "python")
-    subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(Path(env) / "venv")], check=True)
+    # in the repository: a pyenv shim resolves uv by its .python-version
+    venv = ["uv", "venv", "--quiet", "--python", sys.executable, str(Path(env) / "venv")]
+    subprocess.run(venv, cwd=ROOT, check=True)
     # the lock's resolution, overrides included, as it stands: nothing resolved again
     install = ["uv", "pip", "install", "--quiet", "--python", python, "--no-deps", "-r", str(pinned)]
-    subprocess.run(install, check=True)
+    subprocess.run(install, cwd=ROOT, check=True)
     return python
 
 
