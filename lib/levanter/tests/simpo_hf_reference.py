@@ -24,7 +24,7 @@ GREEDY = Path(__file__).with_name("hf_greedy_reference.py")
 @functools.cache
 def reference_python() -> str:
     """An interpreter of a new virtual environment holding exactly the ``hf-reference`` group's locked packages,
-    removed at exit. uv links them from its cache: no download after the project's first sync of the group."""
+    removed at exit. uv links them from its cache: only the first build on a machine downloads them."""
     env = tempfile.mkdtemp(prefix="hf_reference_env")
     atexit.register(shutil.rmtree, env, ignore_errors=True)
     pinned = Path(env) / "requirements.txt"
@@ -62,6 +62,7 @@ def check_against_the_exports(runs: list[tuple[Path, Path, int]]) -> list[list[d
         records.append(step_records)
     prompts = [[r["prompt_ids"] for r in step_records] for step_records in records]
     answers = transformers_greedy([(export, p) for (_, export, _), p in zip(runs, prompts)])
+    assert [len(a) for a in answers] == [len(p) for p in prompts], "transformers answered other prompts"
     for step_records, step_answers in zip(records, answers):
         for record, answer in zip(step_records, step_answers):
             assert record["answer_ids"] == answer, record
