@@ -15,9 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from simpo_tiny_run import REPO
+
 from levanter.simpo.results.samples import SamplesConfig, read_samples
 
-ROOT = Path(__file__).resolve().parents[3]
 GREEDY = Path(__file__).with_name("hf_greedy_reference.py")
 
 
@@ -29,14 +30,14 @@ def reference_python() -> str:
     atexit.register(shutil.rmtree, env, ignore_errors=True)
     pinned = Path(env) / "requirements.txt"
     export = ["uv", "export", "--frozen", "--only-group", "hf-reference", "--no-hashes", "--no-emit-project"]
-    pinned.write_text(subprocess.run(export, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    pinned.write_text(subprocess.run(export, cwd=REPO, capture_output=True, text=True, check=True).stdout)
     python = str(Path(env) / "venv" / "bin" / "python")
     # in the repository: a pyenv shim resolves uv by its .python-version
     venv = ["uv", "venv", "--quiet", "--python", sys.executable, str(Path(env) / "venv")]
-    subprocess.run(venv, cwd=ROOT, check=True)
+    subprocess.run(venv, cwd=REPO, check=True)
     # the lock's resolution, overrides included, as it stands: nothing resolved again
     install = ["uv", "pip", "install", "--quiet", "--python", python, "--no-deps", "-r", str(pinned)]
-    subprocess.run(install, cwd=ROOT, check=True)
+    subprocess.run(install, cwd=REPO, check=True)
     return python
 
 
