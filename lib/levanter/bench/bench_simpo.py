@@ -58,6 +58,7 @@ from levanter.models.lm_model import LmExample  # noqa: E402
 from levanter.optim.config import AdamConfig  # noqa: E402
 from levanter.simpo.objective.accumulation import SimpoTrainer  # noqa: E402
 from levanter.simpo.objective.layouts import PairLayout, PairLengths, pair_layout, resolve_pair_layout  # noqa: E402
+from levanter.simpo.run.fresh_model import fresh_model  # noqa: E402
 from levanter.store.cache import SerialCacheWriter  # noqa: E402
 from levanter.tracker import NoopConfig  # noqa: E402
 from levanter.trainer import Trainer, TrainerConfig  # noqa: E402
@@ -190,11 +191,10 @@ class Stepper:
         self.stack = contextlib.ExitStack()
         self.stack.enter_context(self.trainer)
         if model_init:
-            # train_simpo's path: the model built inside the trainer's compiled, sharded initialisation, one compile
+            # train_simpo's path for a fresh start: the model built by one compiled, sharded program (fresh_model),
             # where building it eagerly dispatches (and compiles) every initialiser on its own
-            self.state = self.trainer.initial_state(
-                jrandom.PRNGKey(1), model_init=lambda: config.build(VOCAB, key=key_p), is_trainable=trainable
-            )
+            model = fresh_model(lambda: config.build(VOCAB, key=key_p), self.trainer.parameter_axis_mapping)
+            self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
         else:
             self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
         self.params = parameter_count(self.state.trainable_model)

@@ -61,6 +61,7 @@ from levanter.simpo.run.checkpoints import (
 )
 from levanter.simpo.run.compilation_cache import with_compilation_cache
 from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
+from levanter.simpo.run.fresh_model import fresh_model
 from levanter.simpo.run.hosts import failing_together
 from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
 from levanter.simpo.run.nonfinite import NonFiniteGuard
@@ -350,7 +351,12 @@ def main(config: TrainSimpoConfig):
                 state = trainer.initial_state(
                     training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
                 )
+            elif isinstance(config.adapter, NoAdaptorConfig) and not resuming:
+                # built on the trainer's mesh (entered above) by a program compiled cheaply on the CPU
+                initial_model = fresh_model(lambda: config.model.build(Vocab, key=model_key), parameter_axis_mapping)
+                state = trainer.initial_state(training_key, model=initial_model)
             elif isinstance(config.adapter, NoAdaptorConfig):
+                # the checkpoint's weights replace these: shapes only, no second live copy of the parameters
                 state = trainer.initial_state(
                     training_key, model_init=lambda: config.model.build(Vocab, key=model_key)
                 )
