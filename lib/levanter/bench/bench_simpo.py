@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import bench_data  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import jax.random as jrandom  # noqa: E402
 import jmp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,7 +59,7 @@ from levanter.models.lm_model import LmExample  # noqa: E402
 from levanter.optim.config import AdamConfig  # noqa: E402
 from levanter.simpo.objective.accumulation import SimpoTrainer  # noqa: E402
 from levanter.simpo.objective.layouts import PairLayout, PairLengths, pair_layout, resolve_pair_layout  # noqa: E402
-from levanter.simpo.run.fresh_model import fresh_model  # noqa: E402
+from levanter.simpo.run.initial_state import initial_state  # noqa: E402
 from levanter.store.cache import SerialCacheWriter  # noqa: E402
 from levanter.tracker import NoopConfig  # noqa: E402
 from levanter.trainer import Trainer, TrainerConfig  # noqa: E402
@@ -191,10 +192,9 @@ class Stepper:
         self.stack = contextlib.ExitStack()
         self.stack.enter_context(self.trainer)
         if model_init:
-            # train_simpo's path for a fresh start: the model built by one compiled, sharded program (fresh_model),
-            # where building it eagerly dispatches (and compiles) every initialiser on its own
-            model = fresh_model(lambda: config.build(VOCAB, key=key_p), self.trainer.parameter_axis_mapping)
-            self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
+            # train_simpo's path for a fresh start: model and optimizer state built by one compiled, sharded program
+            # (levanter.simpo.run.initial_state), where building the model eagerly dispatches every initialiser alone
+            self.state = initial_state(self.trainer, jrandom.PRNGKey(1), lambda: config.build(VOCAB, key=key_p))
         else:
             self.state = self.trainer.initial_state(jrandom.PRNGKey(1), model=model, is_trainable=trainable)
         self.params = parameter_count(self.state.trainable_model)
@@ -351,8 +351,13 @@ def write_cache(rows: list[dict]) -> CachedPairs:
 
 
 def stacked(items: list) -> object:
+    """Rows stacked on a batch axis on the host, as Levanter's data loader stacks them (no compiled stack)."""
     Batch = Axis("batch", len(items))
-    return jax.tree.map(lambda *xs: hax.stack(Batch, xs), *items, is_leaf=lambda x: isinstance(x, hax.NamedArray))
+
+    def stack(*xs):
+        return hax.named(jnp.asarray(np.stack([np.asarray(x.array) for x in xs])), (Batch, *xs[0].axes))
+
+    return jax.tree.map(stack, *items, is_leaf=lambda x: isinstance(x, hax.NamedArray))
 
 
 def main() -> None:

@@ -61,8 +61,8 @@ from levanter.simpo.run.checkpoints import (
 )
 from levanter.simpo.run.compilation_cache import with_compilation_cache
 from levanter.simpo.run.divergence import DivergenceConfig, DivergenceGuard
-from levanter.simpo.run.fresh_model import fresh_model
 from levanter.simpo.run.hosts import failing_together
+from levanter.simpo.run.initial_state import initial_state
 from levanter.simpo.run.lifecycle import RunLifecycle, validate_run_settings
 from levanter.simpo.run.nonfinite import NonFiniteGuard
 from levanter.simpo.run.tags import check_run_tags, tag_preference_run
@@ -351,15 +351,9 @@ def main(config: TrainSimpoConfig):
                 state = trainer.initial_state(
                     training_key, model=initial_model, is_trainable=config.adapter.trainable_filter(initial_model)
                 )
-            elif isinstance(config.adapter, NoAdaptorConfig) and not resuming:
-                # built on the trainer's mesh (entered above) by a program compiled cheaply on the CPU
-                initial_model = fresh_model(lambda: config.model.build(Vocab, key=model_key), parameter_axis_mapping)
-                state = trainer.initial_state(training_key, model=initial_model)
             elif isinstance(config.adapter, NoAdaptorConfig):
-                # the checkpoint's weights replace these: shapes only, no second live copy of the parameters
-                state = trainer.initial_state(
-                    training_key, model_init=lambda: config.model.build(Vocab, key=model_key)
-                )
+                # a fresh start's initialisation compiled cheaply on the CPU; a resume loads through Levanter
+                state = initial_state(trainer, training_key, lambda: config.model.build(Vocab, key=model_key))
             else:
                 initial_model = config.adapter.apply(
                     config.model.build(Vocab, key=model_key), key=adapter_key, axis_mapping=parameter_axis_mapping

@@ -1,7 +1,7 @@
 # Copyright The Levanter Authors
 # SPDX-License-Identifier: Apache-2.0
-"""A model from scratch (``levanter.simpo.run.fresh_model``): the weights and layout of Levanter's own initialisation,
-from a program compiled without LLVM's optimisations on the CPU."""
+"""A fresh start's state (``levanter.simpo.run.initial_state``): the weights, optimizer state and layout of Levanter's
+own initialisation, from a program compiled without LLVM's optimisations on the CPU."""
 
 import json
 import os
@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 
-def test_a_fresh_model_is_levanters_initialisation_laid_out_alike_on_four_device_meshes(tmp_path):
+def test_a_fresh_state_is_levanters_initialisation_laid_out_alike_on_four_device_meshes(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
-    script = Path(__file__).with_name("simpo_fresh_model_check.py")
+    script = Path(__file__).with_name("simpo_initial_state_check.py")
     done = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-6000:]
     meshes = {r["mesh"]: r for r in map(json.loads, done.stdout.splitlines())}
