@@ -507,9 +507,9 @@ def microbatch_section(size: str, quick: bool, repeats: int) -> None:
 def first_step_breakdown_worker(size: str, seq_len: int, rows: int, pairs_path: str) -> None:
     """A fresh process's time to its first step, by phase, with no persistent compilation cache: the imports (from
     this module's start), the data (the pairs read from ``pairs_path``, written to a pair cache, laid out by
-    ``auto``'s choice), the trainer and its state (the model built inside its compiled initialisation, as
-    ``train_simpo`` builds it), the compile (the first step's time less a steady step's) and the step itself (the
-    fastest of four steady steps)."""
+    ``auto``'s choice), the trainer and its state (model and optimizer state from one compiled program, as
+    ``train_simpo`` starts a fresh run), the compile (the first step's time less a steady step's) and the step
+    itself (the fastest of four steady steps)."""
     phases = {"imports": time.perf_counter() - _PROCESS_START}
     start = time.perf_counter()
     cache = write_cache(read_pairs(pairs_path))
