@@ -21,5 +21,6 @@ def test_a_fresh_state_is_levanters_initialisation_laid_out_alike_on_four_device
     for mesh in meshes.values():
         # parameters and Adam's two moments split over the devices, as Levanter lays them out
         assert mesh["split"] >= 3 * 9 and mesh["max_abs_diff"] < 1e-6, mesh
-        # another program than Levanter's: its weights differ in the last bits, not more (shown, not required)
-        print(mesh)
+        # another program than Levanter's (no LLVM optimisations): its weights differ in the last bits, not more;
+        # bit-for-bit equal would mean the fresh start no longer took the cheaply compiled program
+        assert mesh["max_abs_diff"] > 0, mesh
